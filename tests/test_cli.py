@@ -1,0 +1,126 @@
+"""The `tpustack` command: the main job at test size, user errors, preemption, kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import TINY_OVERRIDES
+from tpustack.checkpoint import Checkpointer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
+
+
+def tpustack(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tpustack", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class Running:
+    """A `tpustack train` process whose stderr is collected by a thread."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tpustack", "train", *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.err: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        while chunk := self.proc.stderr.read(64):
+            self.err.append(chunk)
+
+    def wait_for(self, predicate, timeout=180):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode}: {''.join(self.err)[-2000:]}")
+            time.sleep(0.1)
+        self.proc.kill()
+        raise AssertionError(f"timed out: {''.join(self.err)[-2000:]}")
+
+
+@pytest.mark.slow
+def test_main_job_smoke_then_eval_and_sample(tmp_path):
+    workdir = str(tmp_path / "run")
+    result = tpustack("train", "--config", "configs/tiny.py", *SMALL, "--config.train.steps=6",
+                      "--config.train.sample_len=12", "--workdir", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "held-out loss" in result.stdout and "----- sample (prompt 'def ')" in result.stdout
+    assert os.listdir(os.path.join(workdir, "tb")), "no TensorBoard events written"
+    assert Checkpointer(workdir).latest_step() == 6
+    ev = tpustack("eval", "--workdir", workdir)
+    assert ev.returncode == 0 and "held-out loss" in ev.stdout, ev.stderr[-2000:]
+    smp = tpustack("sample", "--checkpoint", workdir, "--prompt", "import", "--max-new-tokens", "5")
+    assert smp.returncode == 0 and smp.stdout.count("\n") >= 2, smp.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--config.model.num_layer=2"], "unknown key 'num_layer' in config.model"),
+    (["train", "--config.train.steps=ten"], "--config.train.steps='ten': expected a int"),
+    (["train", "--config", "missing.py"], "--config: no such file 'missing.py'"),
+    (["train", "--config.mesh.data=3"], "config.mesh: data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 are available"),
+    (["sample", "--checkpoint", "/nonexistent"], "--checkpoint: no checkpoint in /nonexistent/checkpoints"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
+    if args[0] == "train":  # the test's overrides first, so the bad value under test wins
+        args = ["train", *SMALL, "--workdir", str(tmp_path), *args[1:]]
+    if "--config.mesh.data=3" in args:
+        args = args + ["--config.mesh.fsdp=1"]
+    result = tpustack(*args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
+    workdir = str(tmp_path / "run")
+    run = Running("--config", "configs/tiny.py", *SMALL, "--config.train.steps=100000",
+                  "--config.checkpoint.every=0", "--config.train.log_every=1", "--workdir", workdir)
+    run.wait_for(lambda: "loss=" in "".join(run.err))
+    run.proc.send_signal(signal.SIGTERM)
+    out, _ = run.proc.communicate(timeout=120)
+    assert run.proc.returncode == 0, "".join(run.err)[-2000:]
+    assert "preempted: checkpoint saved at step" in out
+    saved = Checkpointer(workdir).latest_step()
+    assert saved is not None and saved >= 1 and f"step {saved}" in out
+    resumed = tpustack("train", "--config", "configs/tiny.py", *SMALL, f"--config.train.steps={saved + 2}",
+                       "--no-samples", "--workdir", workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"steps {saved}->{saved + 2}" in resumed.stdout
+    assert Checkpointer(workdir).latest_step() == saved + 2
+
+
+@pytest.mark.slow
+def test_kill_9_during_saves_never_leaves_a_checkpoint_restore_would_pick(tmp_path):
+    from tpustack.train.loop import load_trained
+
+    workdir = str(tmp_path / "run")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    for attempt, delay in enumerate((0.0, 0.35, 0.7)):
+        run = Running("--config", "configs/tiny.py", *SMALL, "--config.train.steps=100000",
+                      "--config.checkpoint.every=1", "--config.checkpoint.keep=2", "--workdir", workdir)
+        # read-only: a writable manager would clean up the trainer's in-flight temporary dirs
+        latest = lambda: Checkpointer(workdir, read_only=True).latest_step() or 0  # noqa: E731
+        before = latest()
+        run.wait_for(lambda: latest() >= before + 2)
+        time.sleep(delay)  # land the kill at different points of the save cycle
+        run.proc.kill()
+        run.proc.wait()
+        _, _, state = load_trained(workdir)
+        assert int(state.step) == latest() >= before + 2
+    # a step directory that was never finalised (as a kill mid-write leaves it) is ignored
+    last = latest()
+    partial = os.path.join(ckpt_dir, f"{last + 1}.orbax-checkpoint-tmp-1234567890")
+    os.makedirs(os.path.join(partial, "state"))
+    assert latest() == last

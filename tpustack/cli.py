@@ -1,0 +1,147 @@
+"""`tpustack` command line: parse flags, call the library, map user errors to exit code 2.
+
+    tpustack train  --config configs/tiny.py [--config.model.num_layers=4 ...] [--workdir DIR]
+    tpustack eval   --workdir DIR
+    tpustack sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tpustack.errors import UserError
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+SAMPLE_PROMPTS = ("def ", "import os\n", "class ")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Pull `--config.a.b=value` / `--config.a.b value` out of argv."""
+    rest, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UserError(f"{arg}: needs a value, as {arg}=VALUE")
+                value, i = argv[i + 1], i + 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tpustack", description="Train and sample Llama-family models with JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train (resuming from --workdir), then print samples")
+    train.add_argument("--config", default=DEFAULT_CONFIG, help="config file, path.py[:arg]")
+    train.add_argument("--workdir", default=None, help="checkpoints and TensorBoard logs (default runs/NAME)")
+    train.add_argument("--no-samples", action="store_true", help="skip the samples printed after training")
+    ev = sub.add_parser("eval", help="held-out loss of a workdir's latest checkpoint")
+    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--batches", type=int, default=None, help="held-out batches (default: the config's)")
+    smp = sub.add_parser("sample", help="sample text from a trained workdir")
+    smp.add_argument("--checkpoint", required=True, help="a tpustack workdir")
+    smp.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    smp.add_argument("--max-new-tokens", type=int, default=200)
+    smp.add_argument("--temperature", type=float, default=0.8)
+    smp.add_argument("--top-k", type=int, default=0)
+    smp.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _print_samples(config, params, prompts, max_new_tokens, temperature, top_k, seed) -> None:
+    from tpustack.data import load_tokenizer
+    from tpustack.infer.sample import sample
+    from tpustack.model import Decoder
+    from tpustack.train.precision import apply_precision
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model = Decoder(apply_precision(config.model, config.train))
+    ids = [tokenizer.encode(p).tolist() for p in prompts]
+    outs = sample(model, params, ids, max_new_tokens, temperature, top_k, seed, tokenizer.eos_id)
+    for prompt, out in zip(prompts, outs):
+        print(f"----- sample (prompt {prompt!r}) -----")
+        print(prompt + tokenizer.decode(out))
+    sys.stdout.flush()
+
+
+def cmd_train(args, overrides) -> int:
+    from tpustack.config import load_config
+    from tpustack.train.loop import train
+
+    config = load_config(args.config, overrides)
+    workdir = args.workdir or os.path.join("runs", config.name)
+    result = train(config, workdir)
+    if result.eval_loss is not None:
+        print(f"final: step {result.step}, held-out loss {result.eval_loss:.4f}, "
+              f"{result.tokens_per_second:.0f} tokens/s, workdir {workdir}")
+    if result.preempted:
+        print(f"preempted: checkpoint saved at step {result.step}; rerun the same command to resume")
+        return 0
+    if not args.no_samples and config.train.samples > 0:
+        prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(config.train.samples)]
+        room = config.model.max_seq_len - max(len(p.encode()) for p in prompts)  # byte prompts: a bound
+        length = max(1, min(config.train.sample_len, room))
+        _print_samples(config, result.params, prompts, length, 0.8, 0, config.train.seed)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import math
+
+    from tpustack.train.loop import heldout_loss
+
+    config, loss = heldout_loss(args.workdir, args.batches)
+    print(f"{config.name}: held-out loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from tpustack.train.loop import load_trained
+
+    config, _, state = load_trained(args.checkpoint)
+    prompts = args.prompt or list(SAMPLE_PROMPTS[:1])
+    _print_samples(config, state.params, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    return 0
+
+
+def _quiet_library_logs() -> None:
+    """orbax logs routine notices (read-only managers, metadata) as absl warnings."""
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_library_logs()
+    try:
+        rest, overrides = split_overrides(argv)
+        args = _parser().parse_args(rest)
+        if overrides and args.command != "train":
+            raise UserError(f"--config.{next(iter(overrides))}: config overrides apply to `train` only")
+        if args.command == "train":
+            return cmd_train(args, overrides)
+        if args.command == "eval":
+            return cmd_eval(args)
+        return cmd_sample(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

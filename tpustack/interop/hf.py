@@ -1,0 +1,231 @@
+"""Hugging Face Llama/Mistral checkpoints <-> tpustack Decoder params.
+
+Dimension letters: D model, F mlp, N heads, K kv heads, H head dim, V vocab, L layers.
+Torch Linear weights are [out, in]; ours are [in, ...out] split per head, so every tensor
+maps by a transpose and a reshape. Our RoPE uses the HF rotate-half layout, so q/k need
+no permutation. Arrays here are host numpy; sharding them is the caller's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any
+
+# Importing ml_dtypes registers bfloat16 with numpy, which is what lets
+# safetensors.numpy read and write BF16 tensors.
+import ml_dtypes  # noqa: F401
+import numpy as np
+import safetensors.numpy
+from flax.linen import meta
+
+from tpustack.config import ModelConfig
+from tpustack.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Buffers some older exports carry; recomputed from rope_theta, so safe to drop.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(name)  # "bfloat16" resolves because ml_dtypes is imported
+
+
+def config_from_hf(hf_config: dict, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a Llama/Mistral config.json dict; overrides set other fields."""
+    model_type = hf_config.get("model_type", "llama")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"config.json model_type={model_type!r}: only {', '.join(SUPPORTED_MODEL_TYPES)} are supported")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf_config.get(field):
+            raise UserError(f"config.json {field}=true: biases are not supported by the tpustack Decoder")
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"config.json hidden_act={act!r}: only 'silu' (SwiGLU) is supported")
+    rope_theta = hf_config.get("rope_theta", 10000.0)
+    # transformers >= 5 moves rope_theta into rope_parameters; older files use rope_scaling
+    # for the (unsupported) scaled variants.
+    for field in ("rope_parameters", "rope_scaling"):
+        rope = hf_config.get(field) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in (None, "default"):
+            raise UserError(f"config.json {field}: rope type {kind!r} is not supported; only default RoPE is")
+        rope_theta = rope.get("rope_theta", rope_theta)
+    try:
+        heads = hf_config["num_attention_heads"]
+        fields = dict(
+            vocab_size=hf_config["vocab_size"],
+            d_model=hf_config["hidden_size"],
+            num_layers=hf_config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf_config.get("num_key_value_heads") or heads,
+            head_dim=hf_config.get("head_dim") or 0,
+            ffn_dim=hf_config["intermediate_size"],
+        )
+    except KeyError as e:
+        raise UserError(f"config.json: missing required field {e.args[0]!r}") from None
+    max_seq_len = hf_config.get("max_position_embeddings", 2048)
+    window = hf_config.get("sliding_window")
+    if model_type == "mistral" and window:
+        # We attend over the full causal context; capping the length at the window keeps
+        # the results identical to Mistral's sliding-window attention.
+        max_seq_len = min(max_seq_len, window)
+    if fields["head_dim"] * heads == fields["d_model"]:
+        fields["head_dim"] = 0  # our default, so an exported config loads back unchanged
+    fields.update(
+        rope_theta=float(rope_theta),
+        norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        max_seq_len=max_seq_len,
+    )
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in overrides:
+        if key not in known:
+            raise UserError(f"config override {key!r}: not a model field; known: {', '.join(sorted(known))}")
+    fields.update(overrides)
+    cfg = ModelConfig(**fields)
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise UserError(f"config.json num_key_value_heads={cfg.num_kv_heads} must divide "
+                        f"num_attention_heads={cfg.num_heads}")
+    return cfg
+
+
+def _layer_specs(cfg: ModelConfig) -> dict[tuple[str, str], tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(module, leaf) -> (HF name suffix, HF shape, our shape) for one decoder layer."""
+    d, f, n, k, h = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.heads_dim
+    return {
+        ("attn", "q"): ("self_attn.q_proj.weight", (n * h, d), (d, n, h)),
+        ("attn", "k"): ("self_attn.k_proj.weight", (k * h, d), (d, k, h)),
+        ("attn", "v"): ("self_attn.v_proj.weight", (k * h, d), (d, k, h)),
+        ("attn", "o"): ("self_attn.o_proj.weight", (d, n * h), (n, h, d)),
+        ("mlp", "gate"): ("mlp.gate_proj.weight", (f, d), (d, f)),
+        ("mlp", "up"): ("mlp.up_proj.weight", (f, d), (d, f)),
+        ("mlp", "down"): ("mlp.down_proj.weight", (d, f), (f, d)),
+        ("attn_norm", "scale"): ("input_layernorm.weight", (d,), (d,)),
+        ("mlp_norm", "scale"): ("post_attention_layernorm.weight", (d,), (d,)),
+    }
+
+
+def params_from_hf_state(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
+    """HF tensor dict -> our param tree (numpy, cfg.param_dtype, scanned if cfg.scan_layers)."""
+    dtype = _np_dtype(cfg.param_dtype)
+    used = set()
+
+    def take(name: str, hf_shape: tuple[int, ...]) -> np.ndarray:
+        if name not in state:
+            raise UserError(f"checkpoint: tensor {name} is missing (expected shape {list(hf_shape)})")
+        value = np.asarray(state[name])
+        if value.shape != hf_shape:
+            raise UserError(f"checkpoint: tensor {name} has shape {list(value.shape)}, expected "
+                            f"{list(hf_shape)} from config.json")
+        used.add(name)
+        return value
+
+    v, d = cfg.vocab_size, cfg.d_model
+    params: dict[str, Any] = {
+        "embedding": np.ascontiguousarray(take("model.embed_tokens.weight", (v, d)), dtype=dtype)}
+    layers = []
+    for i in range(cfg.num_layers):
+        layer: dict[str, dict[str, np.ndarray]] = {}
+        for (module, leaf), (suffix, hf_shape, shape) in _layer_specs(cfg).items():
+            value = take(f"model.layers.{i}.{suffix}", hf_shape).T.reshape(shape)
+            layer.setdefault(module, {})[leaf] = np.ascontiguousarray(value, dtype=dtype)
+        layers.append(layer)
+    if cfg.scan_layers:
+        stacked = {m: {leaf: np.stack([layer[m][leaf] for layer in layers]) for leaf in leaves}
+                   for m, leaves in layers[0].items()} if layers else {}
+        params["layers"] = {"block": stacked}
+    else:
+        params.update({f"layer_{i}": layer for i, layer in enumerate(layers)})
+    params["final_norm"] = {"scale": np.ascontiguousarray(take("model.norm.weight", (d,)), dtype=dtype)}
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # a tied export may still carry the shared copy
+    else:
+        params["lm_head"] = np.ascontiguousarray(take("lm_head.weight", (v, d)).T, dtype=dtype)
+    # Leftover tensors mean the checkpoint has something the Decoder would silently drop.
+    extra = sorted(n for n in state if n not in used and not n.endswith(_IGNORED_SUFFIXES))
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" (+{len(extra) - 3} more)" if len(extra) > 3 else "")
+        raise UserError(f"checkpoint: unexpected tensors {shown}; this architecture is not supported")
+    return params
+
+
+def params_to_hf_state(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our param tree (boxed or not, any arrays) -> HF tensor dict in the params' dtype."""
+    params = meta.unbox(params)
+
+    def out(x: Any, hf_shape: tuple[int, ...]) -> np.ndarray:
+        # The transpose makes a view; safetensors needs contiguous buffers.
+        return np.ascontiguousarray(np.asarray(x).reshape(hf_shape[::-1]).T)
+
+    v, d = cfg.vocab_size, cfg.d_model
+    state = {"model.embed_tokens.weight": np.ascontiguousarray(np.asarray(params["embedding"]))}
+    for i in range(cfg.num_layers):
+        for (module, leaf), (suffix, hf_shape, _) in _layer_specs(cfg).items():
+            if cfg.scan_layers:
+                value = params["layers"]["block"][module][leaf][i]
+            else:
+                value = params[f"layer_{i}"][module][leaf]
+            state[f"model.layers.{i}.{suffix}"] = out(value, hf_shape)
+    state["model.norm.weight"] = out(params["final_norm"]["scale"], (d,))
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = out(params["lm_head"], (v, d))
+    return state
+
+
+def load_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[ModelConfig, dict]:
+    """Read config.json and all *.safetensors under `path`; return (cfg, numpy params)."""
+    if not os.path.isdir(path):
+        raise UserError(f"HF checkpoint {path!r}: no such directory; pass a directory holding config.json")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"HF checkpoint {path!r}: config.json is missing")
+    with open(config_path) as f:
+        cfg = config_from_hf(json.load(f), **config_overrides)
+    # A sharded checkpoint's index only maps names to files; reading every shard is enough.
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise UserError(f"HF checkpoint {path!r}: no *.safetensors files; convert .bin weights "
+                        "with transformers' save_pretrained(safe_serialization=True)")
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        state.update(safetensors.numpy.load_file(file))
+    return cfg, params_from_hf_state(state, cfg)
+
+
+def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
+    """A LlamaForCausalLM config.json dict describing cfg."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.heads_dim,
+        "intermediate_size": cfg.ffn_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        # Both spellings: transformers < 5 reads rope_theta, >= 5 reads rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": cfg.param_dtype,
+    }
+
+
+def save_hf_checkpoint(path: str, params: dict, cfg: ModelConfig) -> None:
+    """Write config.json and model.safetensors that transformers' from_pretrained loads."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config_from(cfg), f, indent=2)
+    # transformers refuses safetensors files whose metadata lacks a known format.
+    safetensors.numpy.save_file(params_to_hf_state(params, cfg), os.path.join(path, "model.safetensors"),
+                                metadata={"format": "pt"})

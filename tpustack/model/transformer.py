@@ -1,0 +1,89 @@
+"""The decoder: embedding -> L x (norm, attention, norm, SwiGLU) -> norm -> LM head.
+
+Scan over layers (`model.scan_layers`) stacks layer weights on a leading `layers` axis and
+compiles one block; remat (`model.remat_policy`) names a jax.checkpoint_policies entry.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from tpustack.config import ModelConfig
+from tpustack.model.layers import MLP, Attention, RMSNorm, param, rope_tables
+
+ACT_BTD = ("batch", "length", "act_embed")
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+        x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
+        h_BTD = x_BTD + Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_BTD), cos_BTH, sin_BTH)
+        out_BTD = h_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BTD))
+        return nn.with_logical_constraint(out_BTD, ACT_BTD)
+
+
+class ScannedBlock(nn.Module):
+    """Block with the (carry, xs) -> (carry, ys) signature nn.scan wants."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cos_BTH, sin_BTH):
+        return block_class(self.cfg)(self.cfg, name="block")(x_BTD, cos_BTH, sin_BTH), None
+
+
+def block_class(cfg: ModelConfig) -> type[nn.Module]:
+    if cfg.remat_policy == "none":
+        return Block
+    policy = getattr(jax.checkpoint_policies, cfg.remat_policy)
+    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Decoder(nn.Module):
+    """tokens [B, T] (and optional positions [B, T]) -> logits [B, T, V]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        embedding_VD = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+        cos_BTH, sin_BTH = rope_tables(positions_BT, cfg.heads_dim, cfg.rope_theta)
+        if cfg.scan_layers:
+            layers = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH)
+        else:
+            block = block_class(cfg)
+            for i in range(cfg.num_layers):
+                x_BTD = block(cfg, name=f"layer_{i}")(x_BTD, cos_BTH, sin_BTH)
+        x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD)
+        else:
+            head_DV = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV)
+        return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
+                  weights_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy in f32 and the number of weighted tokens."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    nll_BT = logz_BT - target_logit_BT
+    if weights_BT is None:
+        weights_BT = jnp.ones_like(nll_BT)
+    return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+

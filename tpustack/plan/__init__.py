@@ -1,0 +1,1 @@
+"""Capacity planning: the chips table, memory and roofline estimates, cost."""

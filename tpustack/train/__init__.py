@@ -1,0 +1,1 @@
+"""Training: optimizer, precision (loss scaling), state, the pure train step, the loop."""
