@@ -10,6 +10,7 @@ import time
 import pytest
 
 from helpers import TINY_OVERRIDES
+from tb_events import scalar_tags
 from tpustack.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,11 @@ def test_main_job_smoke_then_eval_and_sample(tmp_path):
                       "--config.train.sample_len=12", "--workdir", workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out loss" in result.stdout and "----- sample (prompt 'def ')" in result.stdout
-    assert os.listdir(os.path.join(workdir, "tb")), "no TensorBoard events written"
+    tags = scalar_tags(os.path.join(workdir, "tb"))
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second", "train/step_time_s",
+                "train/mfu", "train/loss_scale", "eval/loss", "eval/perplexity"):
+        assert tag in tags, f"{tag} missing from TensorBoard: {sorted(tags)}"
+    assert 0 < tags["train/mfu"][-1] < 1 and tags["train/loss"][-1] < tags["train/loss"][0]
     assert Checkpointer(workdir).latest_step() == 6
     ev = tpustack("eval", "--workdir", workdir)
     assert ev.returncode == 0 and "held-out loss" in ev.stdout, ev.stderr[-2000:]

@@ -99,3 +99,17 @@ def test_weight_decay_skips_norms():
     assert mask["layers"]["block"]["mlp"]["gate"] is True
     assert mask["layers"]["block"]["attn_norm"]["scale"] is False  # 2-D once stacked, still no decay
     assert mask["final_norm"]["scale"] is False and mask["embedding"] is True
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_tracks_f32():
+    batch = random_batch(8, 16, 384)
+    losses = {}
+    for precision in ("f32", "bf16"):
+        config = tiny_config(train__precision=precision, mesh__fsdp=8)
+        trainer = make_trainer(config, make_mesh(config.mesh))
+        state = trainer.init(jax.random.key(0))
+        state, metrics = trainer.train_step(state, global_batch(batch, trainer.batch_sharding, 8))
+        assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+        losses[precision] = float(metrics["loss"])
+    assert losses["bf16"] != losses["f32"]  # really computed in bf16
+    np.testing.assert_allclose(losses["bf16"], losses["f32"], rtol=2e-2)
