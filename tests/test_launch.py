@@ -66,3 +66,37 @@ def test_scripts_are_shellcheck_clean():
     scripts.append(os.path.join(ROOT, ".ci", "run"))
     result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
+    import socket
+    import sys
+
+    from helpers import TINY_OVERRIDES
+    from tb_events import scalar_tags
+
+    args = ["train", "--config", "configs/tiny.py", *[f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()],
+            "--config.train.steps=4", "--config.train.log_every=1", "--config.mesh.fsdp=4",
+            "--config.mesh.data=2", "--no-samples"]
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    multi = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--processes", "2",
+                            "--devices-per-process", "4", "--port", str(port), "--logdir", str(tmp_path / "logs"),
+                            "--", *args, "--workdir", str(tmp_path / "multi")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    logs = "".join(open(tmp_path / "logs" / f"process_{i}.log").read()[-1500:] for i in range(2))
+    assert multi.returncode == 0, logs
+    single = subprocess.run([sys.executable, "-m", "tpustack", *args, "--workdir", str(tmp_path / "single")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi_losses = scalar_tags(str(tmp_path / "multi" / "tb"))["train/loss"]
+    single_losses = scalar_tags(str(tmp_path / "single" / "tb"))["train/loss"]
+    assert len(multi_losses) == len(single_losses) == 4
+    assert multi_losses == pytest.approx(single_losses, rel=1e-6)
+    # only process 0 wrote TensorBoard events; both took part in the checkpoint
+    assert len(os.listdir(tmp_path / "multi" / "tb")) == 1
+    assert "final: step 4" in open(tmp_path / "logs" / "process_0.log").read()
+    assert "final:" not in open(tmp_path / "logs" / "process_1.log").read()

@@ -78,19 +78,26 @@ def _print_samples(config, params, prompts, max_new_tokens, temperature, top_k, 
 
 
 def cmd_train(args, overrides) -> int:
+    import jax
+
     from tpustack.config import load_config
     from tpustack.train.loop import train
 
     config = load_config(args.config, overrides)
     workdir = args.workdir or os.path.join("runs", config.name)
     result = train(config, workdir)
+    if jax.process_index() != 0:  # one host speaks for the job
+        return 0
+    multihost = jax.process_count() > 1
     if result.eval_loss is not None:
         print(f"final: step {result.step}, held-out loss {result.eval_loss:.4f}, "
               f"{result.tokens_per_second:.0f} tokens/s, workdir {workdir}")
     if result.preempted:
         print(f"preempted: checkpoint saved at step {result.step}; rerun the same command to resume")
         return 0
-    if not args.no_samples and config.train.samples > 0:
+    if multihost and not args.no_samples:
+        print(f"samples: run `tpustack sample --checkpoint {workdir}` on one host")
+    elif not args.no_samples and config.train.samples > 0:
         prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(config.train.samples)]
         room = config.model.max_seq_len - max(len(p.encode()) for p in prompts)  # byte prompts: a bound
         length = max(1, min(config.train.sample_len, room))
@@ -131,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_library_logs()
     try:
+        from tpustack.distributed import initialize
+
+        initialize()  # multi-host: before anything touches a device
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
         if overrides and args.command != "train":
