@@ -77,7 +77,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array,
+                 positions_BT: jax.Array | None = None, cache=None):
+        """Training: causal self-attention. With a LayerCache (decoding): write this step's
+        keys/values at `positions_BT`, attend over the cache, return (out, new cache)."""
         cfg = self.cfg
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.heads_dim
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
@@ -89,6 +92,14 @@ class Attention(nn.Module):
         k_BTKH = apply_rope(jnp.einsum("btd,dkh->btkh", x_BTD, wk_DKH), cos_BTH, sin_BTH)
         v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wv_DKH)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "act_heads", None))
+        if cache is not None:
+            cache = cache.write(k_BTKH, v_BTKH, positions_BT)
+            k_BSKH, v_BSKH = cache.read(q_BTNH.dtype)
+            # a query sees every cached key at or before its own position; later slots
+            # hold stale entries (padding, rejected drafts) and are masked
+            mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
+            out_BTNH = grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+            return jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD), cache
         if cfg.attention_impl == "cudnn":
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
                                                     implementation="cudnn")

@@ -20,12 +20,17 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array,
+                 positions_BT: jax.Array | None = None, cache=None):
         x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
-        h_BTD = x_BTD + Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BTD), cos_BTH, sin_BTH)
+        attn = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x_BTD), cos_BTH, sin_BTH,
+                                                 positions_BT, cache)
+        if cache is not None:
+            attn, cache = attn
+        h_BTD = x_BTD + attn
         out_BTD = h_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BTD))
-        return nn.with_logical_constraint(out_BTD, ACT_BTD)
+        out_BTD = nn.with_logical_constraint(out_BTD, ACT_BTD)
+        return out_BTD if cache is None else (out_BTD, cache)
 
 
 class ScannedBlock(nn.Module):
@@ -46,19 +51,33 @@ def block_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 class Decoder(nn.Module):
-    """tokens [B, T] (and optional positions [B, T]) -> logits [B, T, V]."""
+    """tokens [B, T] (and optional positions [B, T]) -> logits [B, T, V].
+
+    With `cache` (a tuple of per-layer LayerCaches, see tpustack.infer.cache) it returns
+    (logits, new cache): keys/values are written at `positions_BT`. Decoding runs the
+    layers unrolled (see `unstack_layers`): per-layer caches stay separate buffers that
+    update in place, where slicing a stacked cache inside a loop would copy it.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, cache=None):
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         embedding_VD = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
         cos_BTH, sin_BTH = rope_tables(positions_BT, cfg.heads_dim, cfg.rope_theta)
-        if cfg.scan_layers:
+        if cache is not None:
+            if cfg.scan_layers:
+                raise ValueError("decoding needs unrolled layers: use unstack_layers(params) and scan_layers=False")
+            new_cache = []
+            for i in range(cfg.num_layers):
+                x_BTD, layer_cache = Block(cfg, name=f"layer_{i}")(x_BTD, cos_BTH, sin_BTH, positions_BT, cache[i])
+                new_cache.append(layer_cache)
+            cache = tuple(new_cache)
+        elif cfg.scan_layers:
             layers = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
@@ -73,7 +92,18 @@ class Decoder(nn.Module):
         else:
             head_DV = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
             logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV)
-        return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+        logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+        return logits_BTV if cache is None else (logits_BTV, cache)
+
+
+def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
+    """Scanned params ({"layers": {"block": [L, ...]}}) -> unrolled ({"layer_i": ...}); else as is."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(cfg.num_layers):
+        out[f"layer_{i}"] = jax.tree.map(lambda x: x[i], params["layers"]["block"])
+    return out
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
