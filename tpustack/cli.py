@@ -3,6 +3,7 @@
     tpustack train  --config configs/tiny.py [--config.model.num_layers=4 ...] [--workdir DIR]
     tpustack eval   --workdir DIR
     tpustack sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K]
+    tpustack estimate --config configs/llama2_13b.py [--chip v5p --chips 16 --context 4096 --batch 8]
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     smp.add_argument("--temperature", type=float, default=0.8)
     smp.add_argument("--top-k", type=int, default=0)
     smp.add_argument("--seed", type=int, default=0)
+    est = sub.add_parser("estimate", help="memory, fit, ZeRO stages, KV cache, roofline and cost of a config")
+    est.add_argument("--config", default=DEFAULT_CONFIG, help="config file, path.py[:arg]")
+    est.add_argument("--chip", default="v5p", help="v4 v5e v5p v6e a100-40gb a100-80gb h100 h200 cpu")
+    est.add_argument("--chips", type=int, default=8, help="chips to shard training state over")
+    est.add_argument("--context", type=int, default=4096, help="tokens per sequence for the KV cache / decode")
+    est.add_argument("--batch", type=int, default=8, help="sequences decoded together")
+    est.add_argument("--price", type=float, default=None, help="$ per chip-hour (default: the chip table's)")
+    est.add_argument("--tokens-per-s", type=float, default=None, help="measured decode rate (default: roofline)")
+    est.add_argument("--ops", action="store_true", help="print the roofline's per-op tables")
+    est.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    est.add_argument("--plot", default=None, metavar="PNG", help="draw the decode roofline to this PNG")
     return parser
 
 
@@ -124,6 +136,26 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_estimate(args, overrides) -> int:
+    import json
+
+    from tpustack.config import load_config
+    from tpustack.plan.estimate import plot, report, render
+    from tpustack.plan.chips import chip
+
+    for flag in ("chips", "context", "batch"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag}={getattr(args, flag)}: must be >= 1")
+    config = load_config(args.config, overrides)
+    spec = chip(args.chip)
+    result = report(config, spec, args.chips, args.context, args.batch, args.price, args.tokens_per_s)
+    if args.plot:
+        plot(config, spec, args.context, args.batch, args.plot)
+        result["plot"] = args.plot
+    print(json.dumps(result, indent=1) if args.json else render(result, args.ops))
+    return 0
+
+
 def _quiet_library_logs() -> None:
     """orbax logs routine notices (read-only managers, metadata) as absl warnings."""
     try:
@@ -143,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         initialize()  # multi-host: before anything touches a device
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command != "train":
-            raise UserError(f"--config.{next(iter(overrides))}: config overrides apply to `train` only")
+        if overrides and args.command not in ("train", "estimate"):
+            raise UserError(f"--config.{next(iter(overrides))}: config overrides apply to `train` and "
+                            f"`estimate` only")
         if args.command == "train":
             return cmd_train(args, overrides)
+        if args.command == "estimate":
+            return cmd_estimate(args, overrides)
         if args.command == "eval":
             return cmd_eval(args)
         return cmd_sample(args)

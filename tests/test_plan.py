@@ -1,0 +1,181 @@
+"""tpustack.plan: the chapter's worked numbers exactly, the parameter table against the model,
+per-device state bytes against XLA's compiled memory analysis, roofline, cost and the CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tpustack.config import load_config
+from tpustack.plan import cost, memory, roofline
+from tpustack.plan.chips import CHIPS, Chip, chip
+from tpustack.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+cfg_path = lambda name: os.path.join(ROOT, "configs", name)  # noqa: E731
+
+
+# ---------------------------------------------------------------- item 5: the chapter's numbers
+def test_break_even_intensity():
+    assert roofline.break_even(312e12, 2e12) == 156
+    assert roofline.achievable(1.5, 312e12, 2e12) == 3e12  # decode: intensity ~1-2, memory-bound
+    assert roofline.achievable(500, 312e12, 2e12) == 312e12
+
+
+def test_llama2_13b_weights_and_kv_cache():
+    assert memory.weight_bytes(13e9, "fp16") / 1e9 == 26
+    assert memory.weight_bytes(13e9, "int8") / 1e9 == 13
+    assert memory.weight_bytes(13e9, "nf4") / 1e9 == 6.5
+    assert round(memory.kv_bytes_chapter(4096, 40, 5120) / 1e9, 1) == 3.4
+    m13 = load_config(cfg_path("llama2_13b.py")).model  # MHA: the GQA-aware formula agrees
+    assert memory.kv_cache_bytes(m13, 4096) == memory.kv_bytes_chapter(4096, 40, 5120)
+    m7 = load_config(cfg_path("llama2_7b.py")).model
+    assert memory.kv_cache_bytes(m7, 2048) == memory.kv_bytes_chapter(2048, 32, 4096) == 2 * 2048 * 32 * 4096 * 2
+    assert round(memory.kv_bytes_chapter(2048, 32, 4096) / 2**30, 1) == 1.0  # "about 1.0 GB"
+    # GQA and int8 shrink it: llama3_8b has 8 kv heads for 32 query heads.
+    m8 = load_config(cfg_path("llama3_8b.py")).model
+    assert memory.kv_cache_bytes(m8, 2048) * m8.num_heads / m8.num_kv_heads == pytest.approx(
+        2 * 2048 * m8.num_layers * m8.num_heads * m8.heads_dim * 2)
+    assert memory.kv_cache_bytes(m8, 2048, kv_dtype="int8") < 0.52 * memory.kv_cache_bytes(m8, 2048)
+
+
+def test_zero_table_1b_on_8():
+    got = [memory.zero_chapter(1e9, 8, s) / 1e9 for s in range(4)]
+    assert got == [16, 5.5, 3.75, 2]
+
+
+def test_13b_adam_state_and_fits():
+    assert memory.zero_chapter(13e9, 1, 0) / 1e9 == 208
+    assert memory.fits(13, 2, 1) == (30.0, True)
+    assert memory.fits(13, 16, 1) == (212.0, False)
+    assert memory.fits(13, 16, 4) == (56.0, True)
+
+
+def test_speculative_and_cost():
+    assert round(cost.tokens_per_round(0.8, 4), 2) == 3.36
+    assert round(cost.cost_per_million(2.0, 2500), 2) == 0.22
+    assert round(cost.cost_per_million(2.0, 5000), 2) == 0.11  # int8 doubles decode speed
+
+
+# ---------------------------------------------------------------- our layout
+@pytest.mark.parametrize("name,scan", [("tiny.py", False), ("tiny.py", True), ("bench_125m.py", False)])
+def test_param_table_matches_the_model(name, scan):
+    """plan.memory mirrors model/ without importing it: shapes and logical axes must agree."""
+    import jax
+    from flax import linen as nn
+    from tpustack.model import Decoder
+
+    m = load_config(cfg_path(name), {"model.scan_layers": str(scan)}).model
+    boxed = jax.eval_shape(lambda: Decoder(m).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32")))["params"]
+    flat = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    got = {"/".join(str(getattr(k, "key", k)) for k in path).replace("block/", ""): (leaf.value.shape, leaf.names)
+           for path, leaf in flat}
+    want = {p.name: (p.shape, p.axes) for p in memory.param_table(m)}
+    assert got == want
+    assert sum(math.prod(s) for s, _ in want.values()) == m.num_params()
+
+
+def test_zero_stages_of_our_layout():
+    m = load_config(cfg_path("llama_1b.py")).model
+    p = m.num_params()
+    mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    z = [memory.train_memory(m, "bf16", mesh, s, 8, 512) for s in range(4)]
+    assert z[0].master == z[0].grads == 4 * p and z[0].adam == 8 * p
+    assert z[1].adam == pytest.approx(8 * p / 8, rel=1e-3) and z[1].grads == 4 * p
+    assert z[2].grads == pytest.approx(4 * p / 8, rel=1e-3) and z[2].master == 4 * p
+    assert z[3].master == pytest.approx(4 * p / 8, rel=1e-3)
+    assert [x.state + x.grads for x in z] == sorted([x.state + x.grads for x in z], reverse=True)
+    # remat nothing_saveable keeps far fewer bytes than no remat
+    assert memory.train_memory(m, "bf16", mesh, 3, 8, 512, "nothing_saveable").activations < \
+        memory.train_memory(m, "bf16", mesh, 3, 8, 512, "none").activations / 3
+
+
+def test_weights_formats_and_min_chips():
+    m = load_config(cfg_path("llama2_13b.py")).model
+    w = {f: memory.weight_bytes_for(m, f) for f in ("fp32", "bf16", "int8", "int4", "nf4")}
+    assert w["fp32"] == 2 * w["bf16"] == 4 * m.num_params()
+    assert w["bf16"] / 2 < w["int8"] < w["bf16"] / 2 * 1.01  # + per-channel scales
+    assert w["int4"] < w["nf4"] == pytest.approx(m.num_params() * 4.5 / 8, rel=1e-6)
+    assert memory.min_chips(lambda n: 100 / n, 30) == 4
+    assert memory.min_chips(lambda n: 100, 30, limit=8) is None
+
+
+# ---------------------------------------------------------------- item 6: against XLA (8 CPU devices)
+@pytest.mark.parametrize("layout", ["data8", "fsdp8", "fsdp4xtensor2"])
+def test_state_bytes_match_xla_on_cpu(layout):
+    """Weights + optimizer state + batch per device: the estimate equals XLA's argument bytes."""
+    from tpustack.plan.compiled import check
+
+    row = check(cfg_path("tiny.py"), "cpu", layout, "nothing_saveable",
+                {"train.batch_size": "16", "train.seq_len": "32", "model.num_layers": "1"})
+    assert abs(row.errors()[0]) < 0.001, row
+
+
+def test_state_bytes_match_xla_on_virtual_tpu():
+    pytest.importorskip("libtpu")
+    from tpustack.plan.compiled import check, devices_for
+
+    try:
+        devices = devices_for("tpu", "v5p:2x2x2")
+    except Exception as e:  # noqa: BLE001 - another process may hold libtpu's lockfile
+        pytest.skip(f"no virtual TPU topology: {e}")
+    ov = {"train.batch_size": "16", "train.seq_len": "64", "model.num_layers": "1", "model.d_model": "1024",
+          "model.num_heads": "8", "model.num_kv_heads": "8", "model.ffn_dim": "1024", "model.vocab_size": "1024"}
+    row = check(cfg_path("tiny.py"), "tpu", "fsdp8", "nothing_saveable", ov, devices)
+    print(row)
+    assert abs(row.errors()[0]) < 0.10, row
+
+
+# ---------------------------------------------------------------- item 3: roofline
+def test_roofline_decode_is_memory_bound_and_train_compute_bound():
+    m = load_config(cfg_path("llama2_13b.py")).model
+    v5p = CHIPS["v5p"]
+    dec = roofline.predict(roofline.decode_ops(m, 1, 1024), v5p, 1)
+    assert all(roofline.bound(o, v5p) == "memory" for o in dec.ops)
+    # batch-1 decode streams every weight once: time ~ bytes / bandwidth
+    assert dec.seconds == pytest.approx(m.num_params() * 2 / v5p.hbm_bandwidth, rel=0.05)
+    mm = roofline._matmul("x", 4096, 4096, 4096, 2, 2, 1)
+    assert mm.flops == 2 * 4096**3 and roofline.bound(mm, v5p) == "compute"
+    trn = roofline.predict(roofline.train_ops(m, 1, 4096), v5p, 4096)
+    assert 0.5 < trn.mfu(v5p) <= 1.0
+    # int8 weights halve the bytes, so nearly halve the cost of memory-bound decoding
+    d8 = roofline.predict(roofline.decode_ops(m, 1, 1024, "int8", "int8"), v5p, 1)
+    assert 0.45 < d8.seconds / dec.seconds < 0.55
+
+
+def test_roofline_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tpustack.plan.estimate import plot
+
+    path = str(tmp_path / "roofline.png")
+    plot(load_config(cfg_path("bench_125m.py")), CHIPS["v5e"], 1024, 8, path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_chip_is_measured():
+    c = chip("cpu")
+    assert c.peak_flops > 1e9 and c.hbm_bandwidth > 1e8
+    with pytest.raises(UserError, match="unknown"):
+        chip("tpu9000")
+
+
+# ---------------------------------------------------------------- item 2: the CLI
+def test_estimate_cli_json_and_errors():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tpustack", "estimate", *a], cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=120)
+    out = run("--config", "configs/llama2_13b.py", "--chip", "a100-80gb", "--chips", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["fits"]["fits(13, 16, 4)"] == [56.0, True]
+    assert r["weights"]["bf16"] == 2 * r["params"]
+    assert [z["chapter"] for z in r["zero"]][0] == 16 * r["params"]
+    assert r["decode"]["bf16"]["tokens_per_s"] > 0 and r["cost"]["per_million"] > 0
+    text = run("--config", "configs/tiny.py", "--chip", "v5e", "--chips", "2")
+    assert text.returncode == 0 and "ZeRO" in text.stdout and "per million" in text.stdout
+    bad = run("--config", "configs/tiny.py", "--chip", "nope")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--chip" in bad.stderr

@@ -1,0 +1,219 @@
+"""Memory estimates: weights at each precision, KV cache, ZeRO training state, activations.
+
+Two accountings side by side. The chapter's (30.2, 30.7): 16 bytes/param of training
+state (2 fp16 weight + 2 fp16 grad + 12 fp32 master/momentum/variance), sharded per ZeRO
+stage. Ours, as tpustack/train lays it out: an fp32 master copy (model.param_dtype),
+gradients in the master dtype (params are cast to the compute dtype where they are used,
+so their cotangents land in fp32), optax adamw's mu and nu in fp32, and, under bf16/fp16
+precision, a compute-dtype copy of the weights made inside the step. Per-device bytes
+come from the real parameter shapes and the mesh's logical-axis rules, so a dimension
+that does not divide (or a replicated norm scale) is counted as XLA will lay it out.
+
+Dimension letters as in tpustack/model: B batch, T length, D model, F mlp, N heads,
+K kv heads, H head dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from tpustack.config import ModelConfig
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2,
+               "int8": 1, "fp8": 1, "int4": 0.5}
+COMPUTE_DTYPE = {"f32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision
+
+# Bytes per parameter of stored weights. int8 adds one f32 scale per output channel
+# (counted exactly in weight_bytes_for); nf4 (QLoRA) stores 4-bit codes plus one fp32
+# absmax per 64-weight block: 4 + 32/64 = 4.5 bits.
+WEIGHT_FORMATS = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5, "nf4": 4.5 / 8}
+NF4_BLOCK = 64
+
+
+# ---------------------------------------------------------------------------- chapter formulas
+def weight_bytes(num_params: float, fmt: str) -> float:
+    """The chapter's rule of thumb: params x bytes/param (fp16 2, int8 1, 4-bit 0.5)."""
+    nominal = {"nf4": 0.5}.get(fmt, WEIGHT_FORMATS[fmt])  # the chapter quotes nf4 as 0.5 B/param
+    return num_params * nominal
+
+
+def kv_bytes_chapter(context: int, num_layers: int, d_model: int, batch: int = 1,
+                     bytes_per_elem: float = 2) -> float:
+    """KV bytes = 2 x L x n_layers x d_model x batch x bytes (30.4d; multi-head attention)."""
+    return 2 * context * num_layers * d_model * batch * bytes_per_elem
+
+
+def zero_chapter(num_params: float, n: int, stage: int) -> float:
+    """Per-GPU bytes of training state for ZeRO 0..3 with the 2+2+12 accounting (30.2)."""
+    p = num_params
+    return {0: 16 * p, 1: 4 * p + 12 * p / n, 2: 2 * p + 14 * p / n, 3: 16 * p / n}[stage]
+
+
+def fits(params_b: float, bytes_per_param: float, n_gpu: int, gpu_gb: float = 80,
+         overhead_gb: float = 4) -> tuple[float, bool]:
+    """The chapter's quick estimator (30.7), verbatim: (GB per GPU, fits?)."""
+    total = params_b * bytes_per_param
+    per_gpu = total / n_gpu + overhead_gb
+    return round(per_gpu, 1), per_gpu <= gpu_gb
+
+
+# ---------------------------------------------------------------------------- parameter table
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names, as tpustack/model annotates them
+
+
+def param_table(cfg: ModelConfig) -> list[Param]:
+    """Every parameter of tpustack.model.Decoder with its shape and logical axes."""
+    d, f, n, k, h, v = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.heads_dim, cfg.vocab_size
+    layer = [
+        Param("attn_norm/scale", (d,), ("norm",)),
+        Param("attn/q", (d, n, h), ("embed", "heads", "head_dim")),
+        Param("attn/k", (d, k, h), ("embed", "kv_heads", "head_dim")),
+        Param("attn/v", (d, k, h), ("embed", "kv_heads", "head_dim")),
+        Param("attn/o", (n, h, d), ("heads", "head_dim", "embed")),
+        Param("mlp_norm/scale", (d,), ("norm",)),
+        Param("mlp/gate", (d, f), ("embed", "mlp")),
+        Param("mlp/up", (d, f), ("embed", "mlp")),
+        Param("mlp/down", (f, d), ("mlp", "embed")),
+    ]
+    table = [Param("embedding", (v, d), ("vocab", "embed"))]
+    if cfg.scan_layers:  # nn.scan stacks the layers on a leading `layers` axis
+        table += [Param(f"layers/{p.name}", (cfg.num_layers, *p.shape), ("layers", *p.axes)) for p in layer]
+    else:
+        table += [Param(f"layer_{i}/{p.name}", p.shape, p.axes) for i in range(cfg.num_layers) for p in layer]
+    table.append(Param("final_norm/scale", (d,), ("norm",)))
+    if not cfg.tie_embeddings:
+        table.append(Param("lm_head", (d, v), ("embed", "vocab")))
+    return table
+
+
+def default_rules() -> dict[str, Any]:
+    """The logical -> mesh axis table of tpustack.mesh (the one table), as a dict."""
+    from tpustack.mesh import RULES
+
+    return dict(RULES["default"])
+
+
+def shard_shape(shape: Sequence[int], axes: Sequence[str], mesh: dict[str, int], rules: dict[str, Any],
+                sharded_axes: Sequence[str] = ("data", "fsdp", "tensor")) -> tuple[int, ...]:
+    """Per-device shape: each dim divided by the mesh axes its logical name maps to (ceil)."""
+    out = []
+    for dim, name in zip(shape, axes):
+        target = rules.get(name)
+        names = target if isinstance(target, tuple) else ((target,) if target else ())
+        ways = math.prod(mesh.get(a, 1) for a in names if a in sharded_axes)
+        out.append(-(-dim // ways))
+    return tuple(out)
+
+
+def tree_bytes(table: list[Param], bytes_per_elem: float, mesh: dict[str, int] | None = None,
+               zero_sharded: bool = True, rules: dict[str, Any] | None = None) -> float:
+    """Per-device bytes of a parameter-shaped tree; zero_sharded=False replicates it over fsdp."""
+    mesh = mesh or {}
+    rules = default_rules() if rules is None and mesh else (rules or {})
+    axes = ("data", "fsdp", "tensor") if zero_sharded else ("data", "tensor")
+    return sum(math.prod(shard_shape(p.shape, p.axes, mesh, rules, axes)) * bytes_per_elem for p in table)
+
+
+# ---------------------------------------------------------------------------- inference
+def weight_bytes_for(cfg: ModelConfig, fmt: str) -> float:
+    """Stored weight bytes of a config in fp32 / bf16 / int8 (+ per-channel scales) / int4 / nf4."""
+    params = cfg.num_params()
+    if fmt == "int8":  # one f32 scale per output channel of every matmul weight (rows of the embedding)
+        scales = sum(math.prod(p.shape) // _contracted(p) for p in param_table(cfg) if "norm" not in p.name)
+        return params + 4 * scales
+    if fmt == "nf4":
+        return params * 0.5 + math.ceil(params / NF4_BLOCK) * 4
+    return params * WEIGHT_FORMATS[fmt]
+
+
+def _contracted(p: Param) -> int:
+    """The size of the dimensions a weight contracts with the activation."""
+    dims = dict(zip(p.axes, p.shape))
+    if p.name.endswith("attn/o"):
+        return dims["heads"] * dims["head_dim"]
+    if p.name == "embedding":
+        return dims["embed"]
+    return p.shape[p.axes.index("layers") + 1] if "layers" in p.axes else p.shape[0]
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, kv_dtype: str = "bf16") -> float:
+    """KV cache bytes (GQA-aware: K kv heads, not N); int8 adds one bf16 scale per token per head."""
+    elems = 2 * context * cfg.num_layers * cfg.num_kv_heads * cfg.heads_dim * batch
+    if kv_dtype == "int8":
+        return elems + 2 * context * cfg.num_layers * cfg.num_kv_heads * batch * 2
+    return elems * DTYPE_BYTES[kv_dtype]
+
+
+# ---------------------------------------------------------------------------- training
+@dataclasses.dataclass(frozen=True)
+class TrainMemory:
+    """Per-device bytes of one training step under one ZeRO stage and mesh."""
+
+    stage: int
+    master: float  # fp32 (param_dtype) weights the optimizer updates
+    grads: float  # gradients, in the master dtype
+    adam: float  # mu + nu
+    compute_copy: float  # compute-dtype weights made inside the step (0 under f32)
+    activations: float  # saved for the backward pass + the live workspace
+    batch: float  # the int32 inputs and targets
+
+    @property
+    def state(self) -> float:
+        """The persistent train state: what XLA counts as the step's arguments (minus the batch)."""
+        return self.master + self.adam
+
+    @property
+    def total(self) -> float:
+        return self.master + self.grads + self.adam + self.compute_copy + self.activations + self.batch
+
+
+def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: int,
+                 batch: int, seq_len: int, remat: str | None = None, backend: str = "tpu") -> TrainMemory:
+    """Our layout's per-device training bytes for ZeRO `stage` (0..3) sharding over mesh['fsdp'].
+
+    backend "tpu": the cast to the compute dtype fuses into each matmul, so a compute copy
+    exists only where ZeRO-3 gathers weights; "cpu": XLA CPU materialises the cast copy.
+    """
+    table = param_table(cfg)
+    master_b = DTYPE_BYTES[cfg.param_dtype]
+    compute = COMPUTE_DTYPE[precision]
+    master = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 3)
+    grads = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 2)
+    adam = 2 * tree_bytes(table, 4, mesh, zero_sharded=stage >= 1)
+    copy = 0.0
+    if DTYPE_BYTES[compute] < master_b:
+        if stage >= 3:  # gathered just in time: one layer ahead plus the embedding and head
+            copy = _gathered_copy_bytes(cfg, mesh, DTYPE_BYTES[compute])
+        elif backend == "cpu":
+            copy = tree_bytes(table, DTYPE_BYTES[compute], mesh, zero_sharded=False)
+    from tpustack.plan.activations import activation_bytes
+
+    ways = mesh.get("data", 1) * mesh.get("fsdp", 1)
+    acts = activation_bytes(cfg, compute, -(-batch // ways), seq_len, remat or cfg.remat_policy,
+                            tensor=mesh.get("tensor", 1))
+    return TrainMemory(stage, master, grads, adam, copy, acts, 2 * 4 * batch * seq_len / ways)
+
+
+def _gathered_copy_bytes(cfg: ModelConfig, mesh: dict[str, int], elem: float) -> float:
+    """ZeRO-3's live compute-dtype weights: two layers in flight plus embedding and head."""
+    one = dataclasses.replace(cfg, num_layers=1, scan_layers=False)
+    per_layer = [p for p in param_table(one) if p.name.startswith("layer_0/")]
+    ends = [p for p in param_table(one) if not p.name.startswith("layer_0/")]
+    return 2 * tree_bytes(per_layer, elem, mesh, zero_sharded=False) + tree_bytes(ends, elem, mesh, zero_sharded=False)
+
+
+def min_chips(need: callable, capacity: float, limit: int = 65536) -> int | None:
+    """The fewest chips n (a power of two) with need(n) <= capacity, or None."""
+    n = 1
+    while n <= limit:
+        if need(n) <= capacity:
+            return n
+        n *= 2
+    return None
