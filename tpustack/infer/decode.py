@@ -44,6 +44,7 @@ class DecodeState:
     max_new_B: jax.Array
     drafted_B: jax.Array  # speculative statistics (zero for plain decoding)
     accepted_B: jax.Array
+    rejected_B: jax.Array  # rounds that stopped at a rejected draft (fewer than k accepted)
 
 
 def commit(state: DecodeState, new_BR: jax.Array, n_B: jax.Array, eos_id: int) -> DecodeState:
@@ -65,18 +66,24 @@ def commit(state: DecodeState, new_BR: jax.Array, n_B: jax.Array, eos_id: int) -
                          pos_B=state.pos_B + advance_B)
 
 
-def _prefill(model: Decoder, params, tokens_BT, lengths_B, caches, sampling, max_new_B, out_len: int,
-             eos_id: int) -> DecodeState:
-    """Run the padded prompts once, fill the cache, sample the first token."""
+def _prefill(models: tuple[Decoder, ...], params: tuple, tokens_BT, lengths_B, caches, sampling, max_new_B,
+             out_len: int, eos_id: int) -> DecodeState:
+    """Run the padded prompts once through every model (target, draft), fill their caches,
+    and sample the first token from the target (models[0])."""
     b, t = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits_BTV, cache = model.apply({"params": params}, tokens_BT, positions_BT, cache=caches[0])
+    filled = []
+    for model, p, cache in zip(models, params, caches):
+        logits, cache = model.apply({"params": p}, tokens_BT, positions_BT, cache=cache)
+        filled.append(cache)
+        if len(filled) == 1:
+            logits_BTV = logits
     last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     first_B = sample_tokens(last_BV, sampling, lengths_B)
     zeros = jnp.zeros((b,), jnp.int32)
-    state = DecodeState(caches=(cache, *caches[1:]), pending_B=first_B, pos_B=lengths_B - 1,
+    state = DecodeState(caches=tuple(filled), pending_B=first_B, pos_B=lengths_B - 1,
                         out_BN=jnp.zeros((b, out_len), jnp.int32), count_B=zeros, done_B=max_new_B <= 0,
-                        max_new_B=max_new_B, drafted_B=zeros, accepted_B=zeros)
+                        max_new_B=max_new_B, drafted_B=zeros, accepted_B=zeros, rejected_B=zeros)
     return commit(state, first_B[:, None], jnp.ones((b,), jnp.int32), eos_id)
 
 
@@ -115,15 +122,31 @@ class Generator:
         self.cfg = dataclasses.replace(self.cfg, scan_layers=False, remat_policy="none")
         self.params = unstack_layers(self.params, self.cfg)
         self.model = Decoder(self.cfg)
-        model = self.model
         self._prefill = jax.jit(
             lambda params, tokens, lengths, caches, sampling, max_new, out_len: _prefill(
-                model, params, tokens, lengths, caches, sampling, max_new, out_len, self.eos_id),
+                self.models(), params, tokens, lengths, caches, sampling, max_new, out_len, self.eos_id),
             static_argnums=(6,), donate_argnums=(3,))
         self._decode = jax.jit(
             lambda params, state, sampling, max_rounds: decode_rounds(
-                lambda s: plain_round(model, params, s, sampling), state, max_rounds, self.eos_id),
+                lambda s: self.round(params, s, sampling), state, max_rounds, self.eos_id),
             static_argnums=(3,), donate_argnums=(1,))
+
+    # What a subclass (speculative decoding) changes: its models, caches and round.
+    def models(self) -> tuple[Decoder, ...]:
+        return (self.model,)
+
+    def all_params(self) -> tuple:
+        return (self.params,)
+
+    def new_caches(self, batch: int, length: int) -> tuple:
+        return (init_cache(self.cfg, batch, length, self.cache_dtype),)
+
+    def extra_positions(self) -> int:
+        """Cache slots a round may write past the last committed token."""
+        return 0
+
+    def round(self, params: tuple, state: DecodeState, sampling) -> tuple[jax.Array, jax.Array, DecodeState]:
+        return plain_round(self.model, params[0], state, sampling)
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: list[int], extra: int = 0) -> None:
         limit = self.cfg.max_seq_len
@@ -139,9 +162,10 @@ class Generator:
             if max(p) >= self.cfg.vocab_size or min(p) < 0:
                 raise UserError(f"prompt {i}: token ids must be in [0, {self.cfg.vocab_size})")
 
-    def start(self, prompts: list[list[int]], max_new_tokens: list[int], sampling: list[SamplingParams],
-              extra: int = 0, caches_extra: tuple = ()) -> DecodeState:
+    def start(self, prompts: list[list[int]], max_new_tokens: list[int],
+              sampling: list[SamplingParams]) -> DecodeState:
         """Prefill: pad prompts to a length bucket, allocate caches, sample the first tokens."""
+        extra = self.extra_positions()
         self.check_request(prompts, max_new_tokens, extra)
         b = len(prompts)
         t = bucket(max(len(p) for p in prompts))
@@ -151,8 +175,8 @@ class Generator:
         for row, p in enumerate(prompts):
             tokens[row, :len(p)] = p
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        caches = (init_cache(self.cfg, b, s, self.cache_dtype), *[c(b, s) for c in caches_extra])
-        return self._prefill(self.params, jnp.asarray(tokens), lengths, caches, stack_params(sampling),
+        return self._prefill(self.all_params(), jnp.asarray(tokens), lengths, self.new_caches(b, s),
+                             stack_params(sampling),
                              jnp.asarray(max_new_tokens, jnp.int32), bucket(max(max_new_tokens)))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
@@ -173,7 +197,7 @@ class Generator:
                 shown = _stream(state, shown, on_tokens)
             if bool(jnp.all(state.done_B)):
                 break
-            state = self._decode(self.params, state, stacked, rounds)
+            state = self._decode(self.all_params(), state, stacked, rounds)
         return finished_tokens(state)
 
 
