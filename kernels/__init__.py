@@ -1,7 +1,18 @@
 """Pallas kernels for TPU and GPU; depends on jax only. Installed as `tpustack.kernels`.
 
-The kernels themselves (flash attention, decode / paged attention, quantized matmul)
-arrive with their own issue; until then the model uses XLA's implementations.
+Public entry points (each with impl="auto" | "pallas" | "xla" | "reference"):
+flash_attention, decode_attention, paged_attention, int8_matmul, int4_matmul,
+w8a8_matmul; quantizers live in `reference`. See docs/kernels.md.
 """
 
-KERNELS: tuple[str, ...] = ()
+from .compat import KernelShapeError, poison_outputs
+from .decode_attention import decode_attention, paged_attention
+from .flash_attention import flash_attention
+from .quant_matmul import int4_matmul, int8_matmul, w8a8_matmul
+from .reference import quantize_int4, quantize_int8
+
+KERNELS: tuple[str, ...] = ("flash_attention", "decode_attention", "paged_attention",
+                            "int8_matmul", "int4_matmul", "w8a8_matmul")
+
+__all__ = ["KERNELS", "KernelShapeError", "poison_outputs", "flash_attention", "decode_attention",
+           "paged_attention", "int8_matmul", "int4_matmul", "w8a8_matmul", "quantize_int8", "quantize_int4"]

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU run (H100/H200, jax 0.11.x, no network): check every GPU kernel against its
+# reference, then time them against cuDNN / XLA / jax's bundled Pallas attention.
+# At most ~8 minutes; logs and JSON under $OUT; the ratio table prints last.
+#   OUT=/tmp/out benchmarks/gpu/run.sh            # on the GPU machine
+#   benchmarks/gpu/run.sh --dry-run               # anywhere: CPU, tiny shapes, interpreted
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+"$PY" - <<'PYEOF' > "$OUT/env.txt" 2>&1 || true
+import jax, platform; print(platform.python_version(), jax.__version__, jax.devices())
+PYEOF
+if ! "$PY" -c "import tpustack.kernels" 2>/dev/null; then
+  # The GPU machines have no network and no install of this checkout: map
+  # tpustack.kernels (jax-only) onto kernels/ through a throwaway shim package.
+  SHIM="$(mktemp -d)"
+  mkdir -p "$SHIM/tpustack"
+  ln -s "$PWD/kernels" "$SHIM/tpustack/kernels"
+  : > "$SHIM/tpustack/__init__.py"
+  export PYTHONPATH="$SHIM:${PYTHONPATH:-}"
+fi
+if command -v nvidia-smi >/dev/null; then nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true; fi
+# Leave the card's settings alone; keep XLA from grabbing 75% up front so peak memory is real.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+timeout 470 "$PY" benchmarks/gpu/bench.py --out "$OUT" --budget-s 400 "$@" 2>&1 | tee "$OUT/bench.log"
+exit "${PIPESTATUS[0]}"
