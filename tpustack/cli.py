@@ -3,6 +3,8 @@
     tpustack train  --config configs/tiny.py [--config.model.num_layers=4 ...] [--workdir DIR]
     tpustack eval   --workdir DIR
     tpustack sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K]
+    tpustack generate --checkpoint DIR [--draft DIR] --prompt TEXT | --prompt-ids 1,2,3 [--json]
+    tpustack bench decode [--checkpoint DIR] [--batch B --prompt-len L --new-tokens N --price-per-hour P]
     tpustack estimate --config configs/llama2_13b.py [--chip v5p --chips 16 --context 4096 --batch 8]
 """
 
@@ -59,6 +61,32 @@ def _parser() -> argparse.ArgumentParser:
     smp.add_argument("--temperature", type=float, default=0.8)
     smp.add_argument("--top-k", type=int, default=0)
     smp.add_argument("--seed", type=int, default=0)
+    gen = sub.add_parser("generate", help="decode with the KV cache (optionally speculative), streaming")
+    gen.add_argument("--checkpoint", required=True, help="a tpustack workdir or a Hugging Face Llama directory")
+    gen.add_argument("--draft", default=None, help="a draft model (same formats) for speculative decoding")
+    gen.add_argument("--speculate-k", type=int, default=4, help="tokens the draft proposes per round")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer with the checkpoint)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+    gen.add_argument("--json", action="store_true", help="print the generated ids and text as JSON")
+    bench = sub.add_parser("bench", help="measure decoding: TTFT, TPOT, tokens/s, acceptance, cost")
+    bench.add_argument("what", choices=["decode"])
+    bench.add_argument("--checkpoint", default=None, help="a workdir or HF directory (default: random weights)")
+    bench.add_argument("--config", default=DEFAULT_CONFIG, help="model config for random weights")
+    bench.add_argument("--draft", default=None)
+    bench.add_argument("--speculate-k", type=int, default=4)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+    bench.add_argument("--price-per-hour", type=float, default=None, help="$/hour of the machine")
+    bench.add_argument("--repeats", type=int, default=3)
     est = sub.add_parser("estimate", help="memory, fit, ZeRO stages, KV cache, roofline and cost of a config")
     est.add_argument("--config", default=DEFAULT_CONFIG, help="config file, path.py[:arg]")
     est.add_argument("--chip", default="v5p", help="v4 v5e v5p v6e a100-40gb a100-80gb h100 h200 cpu")
@@ -136,6 +164,89 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _generator(checkpoint: str, draft: str | None, k: int, cache_dtype: str):
+    from tpustack.infer.decode import Generator
+    from tpustack.infer.load import load_model
+    from tpustack.infer.speculative import SpeculativeGenerator
+
+    target = load_model(checkpoint)
+    eos = getattr(target.tokenizer, "eos_id", None)
+    eos = -1 if eos is None else eos
+    if draft is None:
+        return target, Generator(target.cfg, target.params, cache_dtype, eos)
+    d = load_model(draft)
+    return target, SpeculativeGenerator(target.cfg, target.params, cache_dtype, eos, draft_cfg=d.cfg,
+                                        draft_params=d.params, k=k)
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from tpustack.infer.sampling import SamplingParams
+
+    model, gen = _generator(args.checkpoint, args.draft, args.speculate_k, args.cache_dtype)
+    tok = model.tokenizer
+    if args.prompt is not None:
+        if tok is None:
+            raise UserError(f"--prompt: {args.checkpoint} has no tokenizer; pass --prompt-ids instead")
+        ids = tok.encode(args.prompt).tolist()
+    else:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    stream = None
+    if not args.json and tok is not None:
+        if args.prompt is not None:
+            print(args.prompt, end="", flush=True)
+        stream = lambda new: print(tok.decode(new[0]), end="", flush=True)  # noqa: E731
+    out = gen.generate([ids], args.max_new_tokens, sampling, chunk=8, on_tokens=stream)[0]
+    if args.json:
+        print(json.dumps({"prompt_ids": ids, "ids": out, "text": tok.decode(out) if tok else None}))
+    elif tok is None:
+        print(",".join(str(i) for i in out))
+    else:
+        print()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+
+    from tpustack.infer.bench import cost_per_million_tokens, time_generation
+
+    if args.checkpoint is None:
+        import jax
+        import jax.numpy as jnp
+        from flax.linen import meta
+
+        from tpustack.config import load_config
+        from tpustack.infer.decode import Generator
+        from tpustack.model import Decoder
+
+        cfg = load_config(args.config).model
+        params = meta.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+        gen = Generator(cfg, params, args.cache_dtype)
+    else:
+        _, gen = _generator(args.checkpoint, args.draft, args.speculate_k, args.cache_dtype)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, gen.cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.batch)]
+    time_generation(gen, prompts, args.new_tokens)  # compile
+    runs = sorted((time_generation(gen, prompts, args.new_tokens) for _ in range(args.repeats)),
+                  key=lambda r: r["e2e_s"])
+    r = runs[len(runs) // 2]
+    print(f"batch {r['batch']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens (median of {args.repeats})")
+    print(f"TTFT {r['ttft_s'] * 1e3:.1f} ms, TPOT {r['tpot_s'] * 1e3:.2f} ms, "
+          f"{r['tokens_per_s']:.1f} tokens/s end to end, {r['decode_tokens_per_s']:.1f} tokens/s decoding")
+    if "acceptance_rate" in r:
+        print(f"draft acceptance rate {r['acceptance_rate']:.3f}")
+    if args.price_per_hour:
+        print(f"cost: ${cost_per_million_tokens(args.price_per_hour, r['tokens_per_s']):.4f} per million "
+              f"output tokens at ${args.price_per_hour}/hour")
+    return 0
+
+
 def cmd_estimate(args, overrides) -> int:
     import json
 
@@ -184,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_estimate(args, overrides)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         return cmd_sample(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

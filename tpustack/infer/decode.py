@@ -188,6 +188,8 @@ class Generator:
         max_new = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
         sampling = sampling or SamplingParams()
         params = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
+        for p in params:
+            p.check()
         state = self.start(prompts, max_new, params)
         stacked = stack_params(params)
         rounds = chunk or max(max_new)

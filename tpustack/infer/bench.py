@@ -1,0 +1,45 @@
+"""Decode timing: TTFT, TPOT (as vLLM defines it), tokens/s, acceptance, cost per token.
+
+TTFT is the prefill plus the first sampled token. TPOT = (end-to-end - TTFT) /
+(output tokens - 1). Cost per million output tokens = $/hour / (3600 * tokens/s) * 1e6
+(chapter 30.5).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from tpustack.infer.decode import Generator
+from tpustack.infer.sampling import SamplingParams, stack_params
+
+
+def cost_per_million_tokens(dollars_per_hour: float, tokens_per_second: float) -> float:
+    return dollars_per_hour / (3600.0 * tokens_per_second) * 1e6
+
+
+def time_generation(gen: Generator, prompts: list[list[int]], new_tokens: int,
+                    sampling: SamplingParams | None = None) -> dict:
+    """One timed generation (compile it first with a warm-up call of the same shapes)."""
+    params = [sampling or SamplingParams()] * len(prompts)
+    stacked = stack_params(params)
+    start = time.perf_counter()
+    state = gen.start(prompts, [new_tokens] * len(prompts), params)
+    jax.block_until_ready(state.out_BN)
+    ttft = time.perf_counter() - start
+    state = gen._decode(gen.all_params(), state, stacked, new_tokens)
+    jax.block_until_ready(state.out_BN)
+    total = time.perf_counter() - start
+    counts = np.asarray(state.count_B)
+    out_tokens = int(counts.max())
+    tpot = (total - ttft) / max(out_tokens - 1, 1)
+    result = {"batch": len(prompts), "prompt_len": max(len(p) for p in prompts), "new_tokens": out_tokens,
+              "ttft_s": ttft, "tpot_s": tpot, "e2e_s": total,
+              "tokens_per_s": float(counts.sum()) / total, "decode_tokens_per_s": len(prompts) / tpot,
+              "tokens": np.asarray(state.out_BN)[:, :out_tokens].tolist()}
+    drafted = float(np.sum(state.drafted_B))
+    if drafted:
+        result["acceptance_rate"] = float(np.sum(state.accepted_B)) / drafted
+    return result
