@@ -115,3 +115,22 @@ def test_bad_requests(params):
         gen.generate([[1] * 128], 4)
     with pytest.raises(UserError, match=r"max_new_tokens 100: .* ask for at most 78"):
         gen.generate([[1] * 50], 100)
+
+
+def test_sharded_decoding_matches_one_device(params):
+    from flax.linen import meta
+
+    from tpustack.config import MeshConfig
+    from tpustack.mesh import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    batch = prompts([5, 12, 8, 3], seed=6)
+    sharded = Generator(CFG, meta.unbox(params), cache_dtype="int8", mesh=mesh)
+    state = sharded.start(batch, [10] * 4, [SamplingParams()] * 4)
+    k_cache = state.caches[0][0].k_BSKH
+    spec = tuple(k_cache.sharding.spec) + (None,) * (4 - len(k_cache.sharding.spec))
+    assert spec == (("data", "fsdp"), None, "tensor", None)
+    assert k_cache.addressable_shards[0].data.shape[0] == 1 and k_cache.addressable_shards[0].data.shape[2] == 1
+    assert sharded.generate(batch, 10) == Generator(CFG, meta.unbox(params), cache_dtype="int8").generate(batch, 10)
+    with pytest.raises(UserError, match=r"batch 3: not divisible by the mesh's 4 batch shards"):
+        sharded.generate(batch[:3], 4)

@@ -56,7 +56,7 @@ def test_greedy_speculative_equals_greedy_target(target, draft_kind):
     plain = Generator(TARGET, target).generate(batch, 24)
     spec = SpeculativeGenerator(TARGET, target, draft_cfg=draft_cfg, draft_params=draft, k=4)
     state = spec.start(batch, [24] * len(batch), [SamplingParams()] * len(batch))
-    state = spec._decode(spec.all_params(), state, stack_params([SamplingParams()] * len(batch)), 24)
+    state = spec.decode(state, stack_params([SamplingParams()] * len(batch)), 24)
     assert finished_tokens(state) == plain
     rate = float(np.sum(state.accepted_B) / np.sum(state.drafted_B))
     if draft_kind == "self":
@@ -116,7 +116,7 @@ def test_acceptance_rate_and_tokens_per_round_follow_the_formula(target):
     sampling = stack_params([SamplingParams()] * len(batch))
     rounds = 0
     while not bool(jnp.all(state.done_B)):
-        state = spec._decode(spec.all_params(), state, sampling, 1)
+        state = spec.decode(state, sampling, 1)
         rounds += 1
     stats = acceptance_stats(state, 4)
     assert 1.0 < stats["tokens_per_round"] <= 5.0 and 0.0 < stats["alpha"] < 1.0

@@ -42,6 +42,7 @@ RULES: dict[str, LogicalRules] = {
         ("length", None),
         ("act_embed", None),
         ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
         ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
     ),
@@ -128,3 +129,19 @@ def batch_divisor(mesh: Mesh, rules: LogicalRules) -> int:
     spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
     axes = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
     return math.prod(mesh.shape[a] for a in axes)
+
+
+def param_shardings(model_cfg, mesh: Mesh, rules: LogicalRules) -> Any:
+    """NamedShardings of a Decoder's (unboxed) params, from the logical names they carry."""
+    import jax.numpy as jnp
+
+    from tpustack.model import Decoder
+
+    boxed = jax.eval_shape(lambda: Decoder(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)["params"]
+
+
+def kv_cache_sharding(mesh: Mesh, rules: LogicalRules, ndim: int) -> NamedSharding:
+    """[B, S, K(, H)] cache arrays: batch like activations, kv heads over tensor."""
+    names = ("batch", "length", "act_kv_heads", None)[:ndim]
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))

@@ -29,7 +29,7 @@ def time_generation(gen: Generator, prompts: list[list[int]], new_tokens: int,
     state = gen.start(prompts, [new_tokens] * len(prompts), params)
     jax.block_until_ready(state.out_BN)
     ttft = time.perf_counter() - start
-    state = gen._decode(gen.all_params(), state, stacked, new_tokens)
+    state = gen.decode(state, stacked, new_tokens)
     jax.block_until_ready(state.out_BN)
     total = time.perf_counter() - start
     counts = np.asarray(state.count_B)

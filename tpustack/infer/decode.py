@@ -13,6 +13,7 @@ rolling back a rejected draft is just not advancing `pos`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -20,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
 from tpustack.infer.cache import init_cache
 from tpustack.infer.sampling import SamplingParams, sample_tokens, stack_params
+from tpustack.mesh import batch_divisor, check_divisible, kv_cache_sharding, mesh_context, param_shardings, rules_for
 from tpustack.model.transformer import Decoder, unstack_layers
 
 
@@ -117,10 +120,12 @@ class Generator:
     params: Any
     cache_dtype: str = "float32"
     eos_id: int = -1
+    mesh: Mesh | None = None  # None: one device; else params, caches and batch are sharded
+    rules: str = "default"
 
     def __post_init__(self):
         self.cfg = dataclasses.replace(self.cfg, scan_layers=False, remat_policy="none")
-        self.params = unstack_layers(self.params, self.cfg)
+        self.params = self.place(unstack_layers(self.params, self.cfg), self.cfg)
         self.model = Decoder(self.cfg)
         self._prefill = jax.jit(
             lambda params, tokens, lengths, caches, sampling, max_new, out_len: _prefill(
@@ -131,6 +136,27 @@ class Generator:
                 lambda s: self.round(params, s, sampling), state, max_rounds, self.eos_id),
             static_argnums=(3,), donate_argnums=(1,))
 
+    def place(self, params: Any, cfg: ModelConfig) -> Any:
+        """Shard params by the rules table (FSDP / tensor) when decoding on a mesh."""
+        if self.mesh is None:
+            return params
+        check_divisible(params, jax.tree.map(lambda s: s.spec, param_shardings(cfg, self.mesh, self._rules())),
+                        self.mesh)
+        return jax.device_put(params, param_shardings(cfg, self.mesh, self._rules()))
+
+    def _rules(self):
+        return rules_for(self.rules)
+
+    def place_cache(self, caches: tuple) -> tuple:
+        """Caches sharded like the model: batch over data x fsdp, kv heads over tensor."""
+        if self.mesh is None:
+            return caches
+        return jax.tree.map(lambda x: jax.device_put(x, kv_cache_sharding(self.mesh, self._rules(), x.ndim)),
+                            caches)
+
+    def _context(self):
+        return mesh_context(self.mesh, self._rules()) if self.mesh is not None else contextlib.nullcontext()
+
     # What a subclass (speculative decoding) changes: its models, caches and round.
     def models(self) -> tuple[Decoder, ...]:
         return (self.model,)
@@ -139,7 +165,7 @@ class Generator:
         return (self.params,)
 
     def new_caches(self, batch: int, length: int) -> tuple:
-        return (init_cache(self.cfg, batch, length, self.cache_dtype),)
+        return (self.place_cache(init_cache(self.cfg, batch, length, self.cache_dtype)),)
 
     def extra_positions(self) -> int:
         """Cache slots a round may write past the last committed token."""
@@ -168,6 +194,9 @@ class Generator:
         extra = self.extra_positions()
         self.check_request(prompts, max_new_tokens, extra)
         b = len(prompts)
+        if self.mesh is not None and b % batch_divisor(self.mesh, self._rules()):
+            raise UserError(f"batch {b}: not divisible by the mesh's {batch_divisor(self.mesh, self._rules())} "
+                            f"batch shards; send a multiple of it or decode on fewer devices")
         t = bucket(max(len(p) for p in prompts))
         s = min(bucket(max(len(p) + n for p, n in zip(prompts, max_new_tokens)) + extra), self.cfg.max_seq_len)
         s = max(s, t)
@@ -175,9 +204,15 @@ class Generator:
         for row, p in enumerate(prompts):
             tokens[row, :len(p)] = p
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        return self._prefill(self.all_params(), jnp.asarray(tokens), lengths, self.new_caches(b, s),
-                             stack_params(sampling),
-                             jnp.asarray(max_new_tokens, jnp.int32), bucket(max(max_new_tokens)))
+        with self._context():
+            return self._prefill(self.all_params(), jnp.asarray(tokens), lengths, self.new_caches(b, s),
+                                 stack_params(sampling), jnp.asarray(max_new_tokens, jnp.int32),
+                                 bucket(max(max_new_tokens)))
+
+    def decode(self, state: DecodeState, sampling: dict, max_rounds: int) -> DecodeState:
+        """Up to max_rounds rounds of the jitted loop (sharded when on a mesh)."""
+        with self._context():
+            return self._decode(self.all_params(), state, sampling, max_rounds)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingParams | list[SamplingParams] | None = None,
@@ -199,7 +234,7 @@ class Generator:
                 shown = _stream(state, shown, on_tokens)
             if bool(jnp.all(state.done_B)):
                 break
-            state = self._decode(self.all_params(), state, stacked, rounds)
+            state = self.decode(state, stacked, rounds)
         return finished_tokens(state)
 
 

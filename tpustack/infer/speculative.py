@@ -123,7 +123,7 @@ class SpeculativeGenerator(Generator):
             raise UserError(f"--speculate-k {self.k}: must be >= 1")
         self.draft_cfg = dataclasses.replace(self.draft_cfg, scan_layers=False, remat_policy="none",
                                              max_seq_len=max(self.draft_cfg.max_seq_len, self.cfg.max_seq_len))
-        self.draft_params = unstack_layers(self.draft_params, self.draft_cfg)
+        self.draft_params = self.place(unstack_layers(self.draft_params, self.draft_cfg), self.draft_cfg)
         self.draft = Decoder(self.draft_cfg)
         super().__post_init__()
 
@@ -134,8 +134,8 @@ class SpeculativeGenerator(Generator):
         return (self.params, self.draft_params)
 
     def new_caches(self, batch: int, length: int) -> tuple:
-        return (init_cache(self.cfg, batch, length, self.cache_dtype),
-                init_cache(self.draft_cfg, batch, length, self.cache_dtype))
+        return self.place_cache((init_cache(self.cfg, batch, length, self.cache_dtype),
+                                 init_cache(self.draft_cfg, batch, length, self.cache_dtype)))
 
     def extra_positions(self) -> int:
         return self.k + 1
