@@ -43,3 +43,27 @@ def test_teacher_gets_no_gradient_and_kl_vanishes_when_student_equals_teacher():
     assert float(jnp.max(jnp.abs(g_teacher))) == 0.0
     _, parts = distillation_loss(t, t, y, 0.5, 2.0)
     assert abs(float(parts["kl"])) < 1e-6
+
+
+def test_distilled_student_moves_towards_the_teacher():
+    import dataclasses
+
+    from flax.linen import meta
+
+    from helpers import random_batch, tiny_config
+    from tpustack.mesh import make_mesh
+    from tpustack.model import Decoder
+    from tpustack.train.step import global_batch, make_trainer
+
+    student = tiny_config(mesh__fsdp=4, mesh__data=2, distill__alpha=0.0, distill__temperature=2.0,
+                          train__lr=1e-2, train__warmup_steps=1)
+    teacher_cfg = dataclasses.replace(student.model, num_layers=1, init_std=0.5)
+    teacher = meta.unbox(Decoder(teacher_cfg).init(jax.random.key(9), jnp.zeros((1, 4), jnp.int32))["params"])
+    trainer = make_trainer(student, make_mesh(student.mesh), teacher=(teacher_cfg, teacher))
+    state = trainer.init(jax.random.key(0))
+    batch = global_batch(random_batch(8, 16, 384), trainer.batch_sharding, 8)
+    losses = []
+    for _ in range(15):
+        state, metrics = trainer.train_step(state, batch)
+        losses.append(float(metrics["loss"]))  # alpha = 0: T^2 * KL(teacher || student)
+    assert losses[-1] < 0.7 * losses[0], losses

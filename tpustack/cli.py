@@ -1,6 +1,7 @@
 """`tpustack` command line: parse flags, call the library, map user errors to exit code 2.
 
     tpustack train  --config configs/tiny.py [--config.model.num_layers=4 ...] [--workdir DIR]
+    tpustack distill --teacher DIR [--config configs/tiny_draft.py] [--workdir DIR]
     tpustack eval   --workdir DIR
     tpustack sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K]
     tpustack generate --checkpoint DIR [--draft DIR] --prompt TEXT | --prompt-ids 1,2,3 [--json]
@@ -51,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=DEFAULT_CONFIG, help="config file, path.py[:arg]")
     train.add_argument("--workdir", default=None, help="checkpoints and TensorBoard logs (default runs/NAME)")
     train.add_argument("--no-samples", action="store_true", help="skip the samples printed after training")
+    dst = sub.add_parser("distill", help="train a small student (a draft) from a teacher: a*CE + (1-a)*T^2*KL")
+    dst.add_argument("--teacher", required=True, help="the teacher's tpustack workdir or HF directory")
+    dst.add_argument("--config", default=os.path.join(os.path.dirname(DEFAULT_CONFIG), "tiny_draft.py"),
+                     help="the student's config, path.py[:arg]; --config.distill.alpha / .temperature")
+    dst.add_argument("--workdir", default=None, help="the student's workdir (default runs/NAME)")
+    dst.add_argument("--no-samples", action="store_true")
     ev = sub.add_parser("eval", help="held-out loss of a workdir's latest checkpoint")
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--batches", type=int, default=None, help="held-out batches (default: the config's)")
@@ -286,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         initialize()  # multi-host: before anything touches a device
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command not in ("train", "estimate"):
-            raise UserError(f"--config.{next(iter(overrides))}: config overrides apply to `train` and "
-                            f"`estimate` only")
+        if overrides and args.command not in ("train", "distill", "estimate"):
+            raise UserError(f"--config.{next(iter(overrides))}: config overrides apply to `train`, `distill` "
+                            f"and `estimate` only")
         if args.command == "train":
             return cmd_train(args, overrides)
+        if args.command == "distill":
+            return cmd_train(args, {**overrides, "distill.teacher": args.teacher})
         if args.command == "estimate":
             return cmd_estimate(args, overrides)
         if args.command == "eval":

@@ -108,12 +108,20 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # a tpustack workdir; set: train the model as a student of that teacher
+    alpha: float = 0.5  # weight of the hard-label cross-entropy; 1 - alpha goes to the KL term
+    temperature: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig
     mesh: MeshConfig
     train: TrainConfig
     data: DataConfig
     checkpoint: CheckpointConfig
+    distill: DistillConfig = DistillConfig()
     name: str = "tpustack"
 
 
@@ -123,6 +131,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -243,6 +252,8 @@ def validate(config: Config) -> None:
          f"{d.source!r} is not one of builtin, text, jsonl, bin")
     need(d.source == "builtin" or bool(d.path), "data.path", f"data.source={d.source!r} needs a path")
     need(0.0 < d.heldout_fraction < 0.5, "data.heldout_fraction", f"{d.heldout_fraction} not in (0, 0.5)")
+    need(0.0 <= config.distill.alpha <= 1.0, "distill.alpha", f"{config.distill.alpha} not in [0, 1]")
+    need(config.distill.temperature > 0, "distill.temperature", f"{config.distill.temperature} must be > 0")
 
 
 def _checkpoint_policies() -> list[str]:

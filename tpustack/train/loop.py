@@ -72,6 +72,19 @@ def evaluate(trainer: Trainer, params: Any, batcher: Batcher, num_batches: int) 
     return total / tokens
 
 
+def load_teacher(config: Config) -> tuple[Any, Any] | None:
+    """The frozen teacher of a distillation run (config.distill.teacher), or None."""
+    if not config.distill.teacher:
+        return None
+    from tpustack.infer.load import load_model
+
+    teacher = load_model(config.distill.teacher)
+    if teacher.cfg.vocab_size != config.model.vocab_size:
+        raise UserError(f"config.distill.teacher: its vocabulary has {teacher.cfg.vocab_size} tokens, the "
+                        f"student's {config.model.vocab_size}; they must match")
+    return teacher.cfg, teacher.params
+
+
 def restore_or_init(trainer: Trainer, ckpt: Checkpointer, seed: int) -> TrainState:
     if ckpt.latest_step() is not None:
         return ckpt.restore(trainer.abstract_state, trainer.state_shardings)
@@ -93,7 +106,7 @@ def train(config: Config, workdir: str, stop_at_step: int | None = None, quiet: 
     train_batches = Batcher(tokens["train"], t.batch_size, t.seq_len, t.seed, "train", pid, nproc)
     eval_batches = Batcher(tokens["heldout"], t.batch_size, t.seq_len, t.seed, "heldout", pid, nproc)
 
-    trainer = make_trainer(config, mesh)
+    trainer = make_trainer(config, mesh, load_teacher(config))
     ckpt = Checkpointer(workdir, config.checkpoint)
     state = restore_or_init(trainer, ckpt, t.seed)
     start = int(state.step)
