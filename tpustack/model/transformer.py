@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tpustack.config import ModelConfig
-from tpustack.model.layers import MLP, Attention, RMSNorm, param, rope_tables
+from tpustack.model.layers import MLP, Attention, RMSNorm, dense, param, rope_tables
 
 ACT_BTD = ("batch", "length", "act_embed")
 
@@ -88,10 +88,10 @@ class Decoder(nn.Module):
                 x_BTD = block(cfg, name=f"layer_{i}")(x_BTD, cos_BTH, sin_BTH)
         x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
-            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD)
+            logits_BTV = dense(x_BTD, embedding_VD.T)
         else:
             head_DV = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV)
+            logits_BTV = dense(x_BTD, head_DV)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
         return logits_BTV if cache is None else (logits_BTV, cache)
 

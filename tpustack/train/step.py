@@ -17,9 +17,10 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tpustack.config import Config
-from tpustack.mesh import batch_sharding, check_divisible, mesh_context, rules_for
+from tpustack.config import Config, ModelConfig
+from tpustack.mesh import batch_sharding, check_divisible, mesh_context, param_shardings, rules_for
 from tpustack.model import Decoder, cross_entropy
+from tpustack.train.distill import distillation_loss
 from tpustack.train.optim import learning_rate_schedule, make_optimizer
 from tpustack.train.precision import LossScale, all_finite, apply_precision
 
@@ -60,8 +61,12 @@ def _microbatches(batch: dict, accum: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_trainer(config: Config, mesh: Mesh) -> Trainer:
-    """Build the model, optimizer, shardings and jitted init / train / eval functions."""
+def make_trainer(config: Config, mesh: Mesh, teacher: tuple[ModelConfig, Any] | None = None) -> Trainer:
+    """Build the model, optimizer, shardings and jitted init / train / eval functions.
+
+    With a `teacher` (its model config and params) the loss is config.distill's
+    distillation loss against the teacher's logits instead of plain cross-entropy.
+    """
     rules = rules_for(config.mesh.rules)
     model_cfg = apply_precision(config.model, config.train)
     model = Decoder(model_cfg)
@@ -88,23 +93,33 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
         with mesh_context(mesh, rules):
             return jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=state_shardings)(rng)
 
-    def loss_fn(params, batch, scale, num_tokens):
+    teacher_model = Decoder(apply_precision(teacher[0], t)) if teacher is not None else None
+    teacher_shardings = param_shardings(teacher[0], mesh, rules) if teacher is not None else None
+    teacher_params = jax.device_put(teacher[1], teacher_shardings) if teacher is not None else None
+
+    def loss_fn(params, batch, scale, num_tokens, teacher_params=None):
         logits_BTV = model.apply({"params": params}, batch["inputs"])
-        total, _ = cross_entropy(logits_BTV, batch["targets"])
-        loss = total / num_tokens
+        if teacher_model is None:
+            total, _ = cross_entropy(logits_BTV, batch["targets"])
+            loss = total / num_tokens
+        else:
+            teacher_BTV = teacher_model.apply({"params": teacher_params}, batch["inputs"])
+            mean, _ = distillation_loss(logits_BTV, teacher_BTV, batch["targets"], config.distill.alpha,
+                                        config.distill.temperature)
+            loss = mean * (batch["targets"].size / num_tokens)
         return loss * scale, loss
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, teacher_params=None) -> tuple[TrainState, dict]:
         num_tokens = batch["targets"].size
         scale = state.loss_scale.scale
         if t.grad_accum == 1:
-            (_, loss), grads = grad_fn(state.params, batch, scale, num_tokens)
+            (_, loss), grads = grad_fn(state.params, batch, scale, num_tokens, teacher_params)
         else:
             def body(carry, mb):
                 g_acc, l_acc = carry
-                (_, l), g = grad_fn(state.params, mb, scale, num_tokens)
+                (_, l), g = grad_fn(state.params, mb, scale, num_tokens, teacher_params)
                 return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
@@ -112,12 +127,17 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
         grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
         grads = jax.tree.map(lambda g: g / scale, grads)
         finite = all_finite(grads)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+
+        def apply(params, opt_state):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
         # A step with non-finite gradients (fp16 overflow) changes nothing but the scale.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                               opt_state=keep(new_opt, state.opt_state),
+        # lax.cond rather than a per-leaf jnp.where(finite, new, old): the select kept the
+        # old params and moments alive next to the new ones, so XLA copied every donated
+        # Adam moment first (the update took ~1.9x as long on CPU).
+        new_params, new_opt = jax.lax.cond(finite, apply, lambda p, o: (p, o), state.params, state.opt_state)
+        new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt,
                                loss_scale=state.loss_scale.update(finite))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                    "loss_scale": scale, "grads_finite": finite}
@@ -134,8 +154,9 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
                 return fn(*args)
         return wrapped
 
-    jit_train = jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
+    jit_train = jax.jit(train_step, in_shardings=(state_shardings, data_sharding, teacher_shardings),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    run_train = traced(jit_train)
     def loss_and_grads(params, batch: dict):
         (_, loss), grads = grad_fn(params, batch, jnp.float32(1.0), batch["targets"].size)
         return loss, grads
@@ -145,7 +166,8 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
     jit_eval = jax.jit(eval_step, in_shardings=(state_shardings.params, data_sharding),
                        out_shardings=replicated)
     return Trainer(config=config, mesh=mesh, model=model, tx=tx, state_shardings=state_shardings,
-                   batch_sharding=data_sharding, init=init, train_step=traced(jit_train),
+                   batch_sharding=data_sharding, init=init,
+                   train_step=lambda state, batch: run_train(state, batch, teacher_params),
                    eval_step=traced(jit_eval), loss_and_grads=traced(jit_grads),
                    abstract_state=abstract_state)
 
