@@ -40,7 +40,9 @@ class ModelConfig:
     dtype: str = "float32"  # the compute dtype of matmuls and activations
     scan_layers: bool = False  # lax.scan over stacked layer weights
     remat_policy: str = "none"  # "none" or a jax.checkpoint_policies name
-    attention_impl: str = "xla"  # "xla" | "cudnn" | "reference"
+    attention_impl: str = "xla"  # xla (einsum) | cudnn | pallas (tpustack.kernels) | auto (pallas on TPU/GPU)
+    weight_quant: str = "none"  # none | int8 | int4: weight-only quantized matmuls (serving)
+    matmul_impl: str = "auto"  # impl= of the quantized matmul kernels: auto | pallas | xla | reference
 
     @property
     def heads_dim(self) -> int:
@@ -240,8 +242,17 @@ def validate(config: Config) -> None:
     need(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {DTYPES}")
     need(m.remat_policy == "none" or m.remat_policy in _checkpoint_policies(), "model.remat_policy",
          f"{m.remat_policy!r} is not 'none' or a jax.checkpoint_policies name ({', '.join(_checkpoint_policies())})")
-    need(m.attention_impl in ("xla", "cudnn", "reference"), "model.attention_impl",
-         f"{m.attention_impl!r} is not one of xla, cudnn, reference")
+    need(m.attention_impl in ("xla", "cudnn", "pallas", "auto"), "model.attention_impl",
+         f"{m.attention_impl!r} is not one of xla, cudnn, pallas, auto")
+    need(m.weight_quant in ("none", "int8", "int4"), "model.weight_quant",
+         f"{m.weight_quant!r} is not one of none, int8, int4")
+    need(m.matmul_impl in ("auto", "pallas", "xla", "reference"), "model.matmul_impl",
+         f"{m.matmul_impl!r} is not one of auto, pallas, xla, reference")
+    if m.weight_quant == "int4":
+        widths = {"d_model": m.d_model, "ffn_dim": m.ffn_dim, "num_heads * head_dim": m.num_heads * m.heads_dim}
+        for name, width in widths.items():
+            need(width % 256 == 0, "model.weight_quant", f"int4 packs rows i and i + K/2 in 128-row groups: "
+                 f"{name}={width} must be a multiple of 256; use int8")
     need(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {PRECISIONS}")
     need(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     need(t.seq_len <= m.max_seq_len, "train.seq_len",

@@ -56,6 +56,46 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
     return y.reshape(*lead, *out_shape)
 
 
+def linear(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+           names: tuple[str, ...], cfg: ModelConfig, std: float | None = None) -> jax.Array:
+    """x [..., *in] @ W[*in, *out]: a float parameter, or weight-only int8/int4 (model.weight_quant)."""
+    if cfg.weight_quant == "none":
+        w = param(module, name, (*in_shape, *out_shape), names, cfg, std=std)
+        return dense(x, w, contract=len(in_shape))
+    from tpustack.model.quant import quantized_dense
+
+    flat_names = (names[0], names[len(in_shape)])  # [K, N]: the leading name of each side
+    return quantized_dense(module, name, x, in_shape, out_shape, flat_names, cfg)
+
+
+def use_kernels(cfg: ModelConfig) -> str | None:
+    """The tpustack.kernels impl= to use for attention, or None for the einsum path here.
+
+    "auto" means Pallas on TPU/GPU; on CPU the einsum path is the faster one."""
+    if cfg.attention_impl == "pallas":
+        return "pallas"
+    if cfg.attention_impl == "auto" and jax.default_backend() != "cpu":
+        return "auto"
+    return None
+
+
+def kernel_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, impl: str) -> jax.Array:
+    """Causal flash attention from tpustack.kernels; inside shard_map when on a mesh, since a
+    Pallas call sees one device's block (batch over data x fsdp, heads over tensor)."""
+    from functools import partial
+
+    from tpustack.kernels import flash_attention
+
+    fn = partial(flash_attention, causal=True, impl=impl)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q_BTNH, k_BSKH, v_BSKH)
+    q_spec = nn.logical_to_mesh_axes(("batch", "length", "act_heads", None))
+    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "act_kv_heads", None))
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q_BTNH, k_BSKH, v_BSKH)
+
+
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables [B, T, H] in the Hugging Face rotate-half layout."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -108,30 +148,40 @@ class Attention(nn.Module):
         cfg = self.cfg
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.heads_dim
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        wq_DNH = param(self, "q", (d, n, h), ("embed", "heads", "head_dim"), cfg)
-        wk_DKH = param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
-        wv_DKH = param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
-        wo_NHD = param(self, "o", (n, h, d), ("heads", "head_dim", "embed"), cfg, std=out_std)
-        q_BTNH = apply_rope(dense(x_BTD, wq_DNH), cos_BTH, sin_BTH)
-        k_BTKH = apply_rope(dense(x_BTD, wk_DKH), cos_BTH, sin_BTH)
-        v_BTKH = dense(x_BTD, wv_DKH)
+        q_BTNH = apply_rope(linear(self, "q", x_BTD, (d,), (n, h), ("embed", "heads", "head_dim"), cfg),
+                            cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(linear(self, "k", x_BTD, (d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg),
+                            cos_BTH, sin_BTH)
+        v_BTKH = linear(self, "v", x_BTD, (d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg)
+        project_out = lambda o_BTNH: linear(self, "o", o_BTNH, (n, h), (d,),  # noqa: E731
+                                            ("heads", "head_dim", "embed"), cfg, std=out_std)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "act_heads", None))
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, positions_BT)
-            k_BSKH, v_BSKH = cache.read(q_BTNH.dtype)
             # a query sees every cached key at or before its own position; later slots
             # hold stale entries (padding, rejected drafts) and are masked
+            impl = use_kernels(cfg)
+            if impl is not None and q_BTNH.shape[1] == 1:  # a decode step: the decode kernel
+                from tpustack.kernels import decode_attention
+
+                out_BNH = decode_attention(q_BTNH[:, 0], cache.k_BSKH, cache.v_BSKH, positions_BT[:, 0] + 1,
+                                           k_scale_BSK=cache.k_scale_BSK, v_scale_BSK=cache.v_scale_BSK,
+                                           impl=impl)
+                return project_out(out_BNH[:, None]), cache
+            k_BSKH, v_BSKH = cache.read(q_BTNH.dtype)
             mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
             out_BTNH = grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-            return dense(out_BTNH, wo_NHD, contract=2), cache
+            return project_out(out_BTNH), cache
         if cfg.attention_impl == "cudnn":
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
                                                     implementation="cudnn")
+        elif use_kernels(cfg) is not None:
+            out_BTNH = kernel_attention(q_BTNH, k_BTKH, v_BTKH, use_kernels(cfg))
         else:
             t = x_BTD.shape[1]
             causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
             out_BTNH = grouped_attention(q_BTNH, k_BTKH, v_BTKH, causal_TS[None])
-        return dense(out_BTNH, wo_NHD, contract=2)
+        return project_out(out_BTNH)
 
 
 class MLP(nn.Module):
@@ -141,11 +191,8 @@ class MLP(nn.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg = self.cfg
         d, f = cfg.d_model, cfg.ffn_dim
-        w_gate_DF = param(self, "gate", (d, f), ("embed", "mlp"), cfg)
-        w_up_DF = param(self, "up", (d, f), ("embed", "mlp"), cfg)
-        w_down_FD = param(self, "down", (f, d), ("mlp", "embed"), cfg,
-                          std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
-        gate_BTF = dense(x_BTD, w_gate_DF)
-        up_BTF = dense(x_BTD, w_up_DF)
+        gate_BTF = linear(self, "gate", x_BTD, (d,), (f,), ("embed", "mlp"), cfg)
+        up_BTF = linear(self, "up", x_BTD, (d,), (f,), ("embed", "mlp"), cfg)
         h_BTF = nn.with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
-        return dense(h_BTF, w_down_FD)
+        return linear(self, "down", h_BTF, (f,), (d,), ("mlp", "embed"), cfg,
+                      std=cfg.init_std / math.sqrt(2 * cfg.num_layers))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tpustack.config import ModelConfig
-from tpustack.model.layers import MLP, Attention, RMSNorm, dense, param, rope_tables
+from tpustack.model.layers import MLP, Attention, RMSNorm, dense, linear, param, rope_tables
 
 ACT_BTD = ("batch", "length", "act_embed")
 
@@ -90,8 +90,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             logits_BTV = dense(x_BTD, embedding_VD.T)
         else:
-            head_DV = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
-            logits_BTV = dense(x_BTD, head_DV)
+            logits_BTV = linear(self, "lm_head", x_BTD, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
         return logits_BTV if cache is None else (logits_BTV, cache)
 
