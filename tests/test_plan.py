@@ -179,3 +179,24 @@ def test_estimate_cli_json_and_errors():
     assert text.returncode == 0 and "ZeRO" in text.stdout and "per million" in text.stdout
     bad = run("--config", "configs/tiny.py", "--chip", "nope")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--chip" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compile_check_cli_on_a_virtual_v5p(tmp_path):
+    """`tpustack compile-check`: the fsdp x tensor train step compiles for v5p:2x2x1 with no TPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("libtpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "tpustack", "compile-check", "--config", "configs/tiny.py",
+                             "--topology", "v5p:2x2x1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--json"],
+                            cwd=root, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert report["fits"] and 0 < report["xla_total_bytes"] < report["hbm_bytes"]
+    assert report["flops_per_step_per_chip"] > 0

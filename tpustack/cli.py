@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "int8"])
     bench.add_argument("--price-per-hour", type=float, default=None, help="$/hour of the machine")
     bench.add_argument("--repeats", type=int, default=3)
+    cc = sub.add_parser("compile-check", help="compile the train step for a TPU topology (no TPU needed): "
+                                              "per-chip memory from XLA vs the estimate, FLOPs per step")
+    cc.add_argument("--config", default=DEFAULT_CONFIG, help="config file, path.py[:arg]")
+    cc.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4 (needs the tpu extra)")
+    cc.add_argument("--json", action="store_true")
     est = sub.add_parser("estimate", help="memory, fit, ZeRO stages, KV cache, roofline and cost of a config")
     est.add_argument("--config", default=DEFAULT_CONFIG, help="config file, path.py[:arg]")
     est.add_argument("--chip", default="v5p", help="v4 v5e v5p v6e a100-40gb a100-80gb h100 h200 cpu")
@@ -254,6 +259,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_compile_check(args, overrides) -> int:
+    import json
+
+    from tpustack.config import load_config
+    from tpustack.plan.compiled import compile_check
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise UserError("compile-check: needs libtpu; pip install -e '.[tpu]'") from None
+    config = load_config(args.config, overrides)
+    try:
+        r = compile_check(config, args.topology)
+    except RuntimeError as e:  # an unknown topology string, for one
+        raise UserError(f"--topology {args.topology!r}: {str(e).splitlines()[0]}") from None
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    gb = 1e9
+    print(f"{r['config']} on {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, ZeRO-{r['zero_stage']}: "
+          f"compiles")
+    print(f"per chip   XLA: {r['xla_total_bytes'] / gb:.2f} GB (state/args {r['xla_argument_bytes'] / gb:.2f}, "
+          f"temp {r['xla_temp_bytes'] / gb:.2f})   estimate: {r['estimate_total_bytes'] / gb:.2f} GB "
+          f"(state {r['estimate_state_bytes'] / gb:.2f}, temp {r['estimate_temp_bytes'] / gb:.2f})")
+    if r["hbm_bytes"]:
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        print(f"HBM per chip {r['hbm_bytes'] / gb:.1f} GB: {verdict}")
+    print(f"FLOPs per step per chip: {r['flops_per_step_per_chip']:.3e}")
+    return 0
+
+
 def cmd_estimate(args, overrides) -> int:
     import json
 
@@ -293,15 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         initialize()  # multi-host: before anything touches a device
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command not in ("train", "distill", "estimate"):
-            raise UserError(f"--config.{next(iter(overrides))}: config overrides apply to `train`, `distill` "
-                            f"and `estimate` only")
+        if overrides and args.command not in ("train", "distill", "estimate", "compile-check"):
+            raise UserError(f"--config.{next(iter(overrides))}: config overrides apply to `train`, `distill`, "
+                            f"`estimate` and `compile-check` only")
         if args.command == "train":
             return cmd_train(args, overrides)
         if args.command == "distill":
             return cmd_train(args, {**overrides, "distill.teacher": args.teacher})
         if args.command == "estimate":
             return cmd_estimate(args, overrides)
+        if args.command == "compile-check":
+            return cmd_compile_check(args, overrides)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "generate":

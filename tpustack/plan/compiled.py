@@ -7,9 +7,7 @@ libtpu's virtual topologies (`v5e:2x2`, `v5p:2x2x2`), where nothing runs, it onl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 from typing import Any
 
 from tpustack.plan.memory import train_memory
@@ -51,41 +49,18 @@ def devices_for(backend: str, topology: str = "v5p:2x2x2") -> list:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
 
 
-@contextlib.contextmanager
-def _abstract_rng():
-    """make_trainer draws a concrete jax.random.key(0) under set_mesh, which virtual TPU
-    devices cannot hold; eval_shape only needs its shape, so hand it an abstract key."""
-    import jax
-
-    real = jax.random.key
-    dtype = real(0).dtype
-    jax.random.key = lambda *a, **k: jax.ShapeDtypeStruct((), dtype)
-    try:
-        yield
-    finally:
-        jax.random.key = real
-
-
 def compile_train_step(config, devices: list) -> Any:
     """Lower and compile the train step of `config` on `devices`; return memory_analysis()."""
-    import jax
-    import jax.numpy as jnp
+    return compile_train_step_full(config, devices).memory_analysis()
 
-    from tpustack.mesh import make_mesh, mesh_context, rules_for
+
+def compile_train_step_full(config, devices: list) -> Any:
+    """The compiled train step of `config` on `devices` (real or virtual TPU): nothing runs."""
+    from tpustack.mesh import make_mesh
     from tpustack.train.step import make_trainer
 
-    mesh = make_mesh(config.mesh, devices)
-    with _abstract_rng():
-        trainer = make_trainer(config, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         trainer.abstract_state, trainer.state_shardings)
-    shape = (config.train.batch_size, config.train.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding)
-             for k in ("inputs", "targets")}
-    # Trainer.train_step wraps the jitted step in the mesh context; lower the jitted one.
-    jitted = inspect.getclosurevars(trainer.train_step).nonlocals["fn"]
-    with mesh_context(mesh, rules_for(config.mesh.rules)):
-        return jitted.lower(state, batch).compile().memory_analysis()
+    trainer = make_trainer(config, make_mesh(config.mesh, devices))
+    return trainer.lower_train_step(config.train.batch_size, config.train.seq_len).compile()
 
 
 def check(config_path: str, backend: str, layout: str, remat: str, overrides: dict[str, str] | None = None,
@@ -114,3 +89,31 @@ def table(rows: list[Row]) -> str:
                    f"| {r.est_args / 1e6:.1f} | {ea:+.1%} | {r.xla_temp / 1e6:.1f} | {r.est_temp / 1e6:.1f} "
                    f"| {et:+.1%} | {tot:+.1%} |")
     return "\n".join(out)
+
+
+def compile_check(config, topology: str) -> dict[str, Any]:
+    """Compile config's train step for a (virtual) TPU topology: XLA's per-chip bytes and FLOPs
+    beside our estimate, so a user knows whether the job compiles and fits before renting."""
+    from tpustack.mesh import mesh_shape
+    from tpustack.plan.chips import chip
+
+    devices = devices_for("tpu", topology)
+    compiled = compile_train_step_full(config, devices)
+    stats = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mesh = mesh_shape(config.mesh, len(devices))
+    stage = 3 if mesh["fsdp"] > 1 else 0
+    est = train_memory(config.model, config.train.precision, mesh, stage, config.train.batch_size,
+                       config.train.seq_len, config.model.remat_policy, backend="tpu")
+    xla_total = float(stats.argument_size_in_bytes + stats.temp_size_in_bytes
+                      + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+    generation = topology.split(":")[0]
+    hbm = chip(generation).hbm_bytes if generation in ("v4", "v5e", "v5p", "v6e") else 0.0
+    return {"config": config.name, "topology": topology, "chips": len(devices), "mesh": mesh, "zero_stage": stage,
+            "xla_argument_bytes": float(stats.argument_size_in_bytes), "xla_temp_bytes": float(stats.temp_size_in_bytes),
+            "xla_output_bytes": float(stats.output_size_in_bytes), "xla_alias_bytes": float(stats.alias_size_in_bytes),
+            "xla_total_bytes": xla_total, "estimate_state_bytes": est.state + est.batch,
+            "estimate_temp_bytes": est.grads + est.compute_copy + est.activations,
+            "estimate_total_bytes": est.total, "hbm_bytes": hbm, "fits": bool(hbm and xla_total <= hbm),
+            "flops_per_step_per_chip": float(cost.get("flops", 0.0)) if cost else 0.0}

@@ -48,6 +48,7 @@ class Trainer:
     eval_step: Callable[[Any, dict], dict]
     loss_and_grads: Callable[[Any, dict], tuple[jax.Array, Any]]
     abstract_state: Any
+    lower_train_step: Callable[[int, int], Any]  # (batch, seq_len) -> jax Lowered, for AOT compiles
 
     def param_shardings(self) -> Any:
         return self.state_shardings.params
@@ -80,8 +81,11 @@ def make_trainer(config: Config, mesh: Mesh, teacher: tuple[ModelConfig, Any] | 
         return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                           opt_state=tx.init(params), loss_scale=LossScale.create(t))
 
+    # An abstract key: a concrete one would need a real device, and ahead-of-time compiles
+    # for virtual TPU topologies have none.
+    abstract_key = jax.eval_shape(lambda: jax.random.key(0))
     with mesh_context(mesh, rules):
-        boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+        boxed = jax.eval_shape(init_boxed, abstract_key)
         specs = nn.get_partition_spec(boxed)
         state_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     abstract_state = nn.meta.unbox(boxed)
@@ -165,11 +169,18 @@ def make_trainer(config: Config, mesh: Mesh, teacher: tuple[ModelConfig, Any] | 
                         out_shardings=(replicated, state_shardings.params))
     jit_eval = jax.jit(eval_step, in_shardings=(state_shardings.params, data_sharding),
                        out_shardings=replicated)
+    def lower_train_step(batch_size: int, seq_len: int):
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract_state, state_shardings)
+        tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=data_sharding)
+        with mesh_context(mesh, rules):
+            return jit_train.lower(state, {"inputs": tokens, "targets": tokens}, teacher_params)
+
     return Trainer(config=config, mesh=mesh, model=model, tx=tx, state_shardings=state_shardings,
                    batch_sharding=data_sharding, init=init,
                    train_step=lambda state, batch: run_train(state, batch, teacher_params),
                    eval_step=traced(jit_eval), loss_and_grads=traced(jit_grads),
-                   abstract_state=abstract_state)
+                   abstract_state=abstract_state, lower_train_step=lower_train_step)
 
 
 def global_batch(host_batch: dict, sharding: NamedSharding, global_rows: int) -> dict:
