@@ -94,7 +94,9 @@ def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
                   "--config.checkpoint.every=0", "--config.train.log_every=1", "--workdir", workdir)
     run.wait_for(lambda: "loss=" in "".join(run.err))
     run.proc.send_signal(signal.SIGTERM)
-    out, _ = run.proc.communicate(timeout=120)
+    run.proc.wait(timeout=120)
+    run._thread.join(timeout=10)  # the reader owns stderr; stdout holds a few lines only
+    out = run.proc.stdout.read()
     assert run.proc.returncode == 0, "".join(run.err)[-2000:]
     assert "preempted: checkpoint saved at step" in out
     saved = Checkpointer(workdir).latest_step()
