@@ -6,31 +6,20 @@ fits a 16 GB v5e; used for ahead-of-time compiles and `tpustack estimate`, not C
     tpustack estimate --config configs/llama_1b.py --chip v5e --chips 8
 """
 
-from tpustack.config import default_config_dict
+from tpustack.config import full_size_config_dict
 
 
 def get_config(arg=None):
-    cfg = default_config_dict()
-    cfg.name = "llama_1b"
-    m = cfg.model
-    m.vocab_size = 32000
-    m.d_model = 2048
-    m.num_layers = 16
-    m.num_heads = 32
-    m.num_kv_heads = 8
-    m.ffn_dim = 8192
-    m.rope_theta = 500000.0
-    m.max_seq_len = 4096
-    m.tie_embeddings = False
-    m.param_dtype = "float32"
-    m.dtype = "bfloat16"
-    m.scan_layers = True
-    m.remat_policy = "nothing_saveable"
-    t = cfg.train
-    t.precision = "bf16"
-    t.batch_size = 16
-    t.seq_len = 1024
-    t.lr = 3e-4
-    t.warmup_steps = 2000
-    t.steps = 100000
-    return cfg
+    return full_size_config_dict(
+        "llama_1b",
+        vocab_size=32000,
+        d_model=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        ffn_dim=8192,
+        rope_theta=500000.0,
+        max_seq_len=4096,
+        batch_size=16,
+        seq_len=1024,
+    )

@@ -146,6 +146,22 @@ def default_config_dict() -> ml_collections.ConfigDict:
     return cfg
 
 
+def full_size_config_dict(name: str, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
+                          num_kv_heads: int, ffn_dim: int, rope_theta: float, max_seq_len: int,
+                          batch_size: int = 256, seq_len: int | None = None) -> ml_collections.ConfigDict:
+    """The shared recipe of full-size Llama configs: fp32 master weights, bf16 compute, scanned
+    layers with full remat, AdamW 3e-4 with 2k warmup. Config files set only the shape."""
+    cfg = default_config_dict()
+    cfg.name = name
+    cfg.model.update(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                     num_kv_heads=num_kv_heads, ffn_dim=ffn_dim, rope_theta=rope_theta, max_seq_len=max_seq_len,
+                     tie_embeddings=False, param_dtype="float32", dtype="bfloat16", scan_layers=True,
+                     remat_policy="nothing_saveable")
+    cfg.train.update(precision="bf16", batch_size=batch_size, seq_len=seq_len or max_seq_len, lr=3e-4,
+                     warmup_steps=2000, steps=100000)
+    return cfg
+
+
 def load_config_dict(spec: str) -> ml_collections.ConfigDict:
     """Load `path.py[:arg]` and call its get_config(arg)."""
     path, _, arg = spec.partition(":")
