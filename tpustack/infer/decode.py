@@ -77,7 +77,7 @@ def _prefill(models: tuple[Decoder, ...], params: tuple, tokens_BT, lengths_B, c
     positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     filled = []
     for model, p, cache in zip(models, params, caches):
-        logits, cache = model.apply({"params": p}, tokens_BT, positions_BT, cache=cache)
+        logits, cache = model.apply({"params": p}, tokens_BT, positions_BT, cache=cache, prefill=True)
         filled.append(cache)
         if len(filled) == 1:
             logits_BTV = logits

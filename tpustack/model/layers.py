@@ -142,7 +142,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array,
-                 positions_BT: jax.Array | None = None, cache=None):
+                 positions_BT: jax.Array | None = None, cache=None, prefill: bool = False):
         """Training: causal self-attention. With a LayerCache (decoding): write this step's
         keys/values at `positions_BT`, attend over the cache, return (out, new cache)."""
         cfg = self.cfg
@@ -158,6 +158,12 @@ class Attention(nn.Module):
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "act_heads", None))
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, positions_BT)
+            if prefill:  # prompts start at 0: attend over their own keys, not the whole (empty) cache
+                t = x_BTD.shape[1]
+                if use_kernels(cfg) is not None:
+                    return project_out(kernel_attention(q_BTNH, k_BTKH, v_BTKH, use_kernels(cfg))), cache
+                causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
+                return project_out(grouped_attention(q_BTNH, k_BTKH, v_BTKH, causal_TS[None])), cache
             # a query sees every cached key at or before its own position; later slots
             # hold stale entries (padding, rejected drafts) and are masked
             impl = use_kernels(cfg)

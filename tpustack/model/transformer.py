@@ -21,10 +21,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array,
-                 positions_BT: jax.Array | None = None, cache=None):
+                 positions_BT: jax.Array | None = None, cache=None, prefill: bool = False):
         x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
         attn = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x_BTD), cos_BTH, sin_BTH,
-                                                 positions_BT, cache)
+                                                 positions_BT, cache, prefill)
         if cache is not None:
             attn, cache = attn
         h_BTD = x_BTD + attn
@@ -54,7 +54,8 @@ class Decoder(nn.Module):
     """tokens [B, T] (and optional positions [B, T]) -> logits [B, T, V].
 
     With `cache` (a tuple of per-layer LayerCaches, see tpustack.infer.cache) it returns
-    (logits, new cache): keys/values are written at `positions_BT`. Decoding runs the
+    (logits, new cache): keys/values are written at `positions_BT`. `prefill=True` says the
+    tokens are whole prompts from position 0, so attention needs only their own keys. Decoding runs the
     layers unrolled (see `unstack_layers`): per-layer caches stay separate buffers that
     update in place, where slicing a stacked cache inside a loop would copy it.
     """
@@ -62,7 +63,8 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, cache=None):
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, cache=None,
+                 prefill: bool = False):
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -74,7 +76,8 @@ class Decoder(nn.Module):
                 raise ValueError("decoding needs unrolled layers: use unstack_layers(params) and scan_layers=False")
             new_cache = []
             for i in range(cfg.num_layers):
-                x_BTD, layer_cache = Block(cfg, name=f"layer_{i}")(x_BTD, cos_BTH, sin_BTH, positions_BT, cache[i])
+                x_BTD, layer_cache = Block(cfg, name=f"layer_{i}")(x_BTD, cos_BTH, sin_BTH, positions_BT, cache[i],
+                                                                   prefill)
                 new_cache.append(layer_cache)
             cache = tuple(new_cache)
         elif cfg.scan_layers:
