@@ -108,6 +108,17 @@ def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
     assert Checkpointer(workdir).latest_step() == saved + 2
 
 
+def latest_step(workdir: str) -> int:
+    """The step restore would pick. Read-only: a writable manager would clean up the trainer's
+    in-flight temporary dirs. Retried: the trainer may delete an old step (keep=K) while we list."""
+    for _ in range(50):
+        try:
+            return Checkpointer(workdir, read_only=True).latest_step() or 0
+        except FileNotFoundError:
+            time.sleep(0.05)
+    raise AssertionError(f"could not list {workdir}")
+
+
 @pytest.mark.slow
 def test_kill_9_during_saves_never_leaves_a_checkpoint_restore_would_pick(tmp_path):
     from tpustack.train.loop import load_trained
@@ -117,8 +128,7 @@ def test_kill_9_during_saves_never_leaves_a_checkpoint_restore_would_pick(tmp_pa
     for attempt, delay in enumerate((0.0, 0.35, 0.7)):
         run = Running("--config", "configs/tiny.py", *SMALL, "--config.train.steps=100000",
                       "--config.checkpoint.every=1", "--config.checkpoint.keep=2", "--workdir", workdir)
-        # read-only: a writable manager would clean up the trainer's in-flight temporary dirs
-        latest = lambda: Checkpointer(workdir, read_only=True).latest_step() or 0  # noqa: E731
+        latest = lambda: latest_step(workdir)  # noqa: E731
         before = latest()
         run.wait_for(lambda: latest() >= before + 2)
         time.sleep(delay)  # land the kill at different points of the save cycle
