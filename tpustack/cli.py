@@ -113,16 +113,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_samples(config, params, prompts, max_new_tokens, temperature, top_k, seed) -> None:
+def _print_samples(config, params, prompts, max_new_tokens, temperature, top_k, seed, clamp: bool = False) -> None:
+    import jax
+
     from tpustack.data import load_tokenizer
-    from tpustack.infer.sample import sample
-    from tpustack.model import Decoder
+    from tpustack.infer.decode import Generator
+    from tpustack.infer.sampling import SamplingParams
     from tpustack.train.precision import apply_precision
 
     tokenizer = load_tokenizer(config.data.tokenizer)
-    model = Decoder(apply_precision(config.model, config.train))
     ids = [tokenizer.encode(p).tolist() for p in prompts]
-    outs = sample(model, params, ids, max_new_tokens, temperature, top_k, seed, tokenizer.eos_id)
+    room = config.model.max_seq_len - max(len(i) for i in ids)
+    if room < 1:
+        raise UserError(f"--prompt: {max(len(i) for i in ids)} tokens leave no room in the model's context "
+                        f"of {config.model.max_seq_len}; shorten it")
+    # host copies: training may have left the params sharded over a mesh
+    gen = Generator(apply_precision(config.model, config.train), jax.device_get(params),
+                    eos_id=tokenizer.eos_id if tokenizer.eos_id is not None else -1)
+    sampling = [SamplingParams(temperature=temperature, top_k=top_k, seed=seed + i) for i in range(len(ids))]
+    outs = gen.generate(ids, min(max_new_tokens, room) if clamp else max_new_tokens, sampling)
     for prompt, out in zip(prompts, outs):
         print(f"----- sample (prompt {prompt!r}) -----")
         print(prompt + tokenizer.decode(out))
@@ -151,9 +160,8 @@ def cmd_train(args, overrides) -> int:
         print(f"samples: run `tpustack sample --checkpoint {workdir}` on one host")
     elif not args.no_samples and config.train.samples > 0:
         prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(config.train.samples)]
-        room = config.model.max_seq_len - max(len(p.encode()) for p in prompts)  # byte prompts: a bound
-        length = max(1, min(config.train.sample_len, room))
-        _print_samples(config, result.params, prompts, length, 0.8, 0, config.train.seed)
+        _print_samples(config, result.params, prompts, config.train.sample_len, 0.8, 0, config.train.seed,
+                       clamp=True)  # the main job's samples fit whatever context the config has
     return 0
 
 

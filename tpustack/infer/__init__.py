@@ -1,1 +1,1 @@
-"""Inference: sampling (the full cache-aware decode loop arrives with its own issue)."""
+"""Inference: the KV cache, sampling, the one decode loop, speculative decoding, timing."""
