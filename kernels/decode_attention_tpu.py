@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import compat
+from ._online_softmax import online_softmax_step
 from .compat import MASK_VALUE, pl
 
 F32 = jnp.float32
@@ -64,16 +65,10 @@ def _kernel(*refs, cfg: DCfg, paged: bool):
         if cfg.soft_cap:
             s = cfg.soft_cap * jnp.tanh(s / cfg.soft_cap)
         mask = j * bs + lax.broadcasted_iota(jnp.int32, s.shape, 1) < length
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
+        p, alpha = online_softmax_step(s, mask, m_sc, l_sc, MASK_VALUE)
         if cfg.quantized:
             p = p * vs_ref[...]
         acc[...] = alpha * acc[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=F32)
-        m_sc[...] = m_new
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _done():

@@ -22,6 +22,7 @@ from jax import lax
 
 from . import compat
 from ._dispatch import round_up
+from ._online_softmax import online_softmax_step
 from .compat import MASK_VALUE, pl
 
 F32 = jnp.float32
@@ -128,15 +129,9 @@ def _fwd_kernel(*refs, cfg: Cfg, bq, bk, nk, off, kv_len):
     def _step():
         s, _ = _scores(cfg, q_ref[...], k_ref[...])
         mask = _mask(cfg, i, j, bq, bk, off, kv_len, qs_ref, ks_ref)
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
+        p, alpha = online_softmax_step(s, mask, m_sc, l_sc, MASK_VALUE)
         v = v_ref[...]
         acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=F32)
-        m_sc[...] = m_new
 
     @pl.when(j == nk - 1)
     def _done():

@@ -191,6 +191,7 @@ class Generator:
     def start(self, prompts: list[list[int]], max_new_tokens: list[int],
               sampling: list[SamplingParams]) -> DecodeState:
         """Prefill: pad prompts to a length bucket, allocate caches, sample the first tokens."""
+        stacked = stack_params(sampling)  # validates the sampling parameters first
         extra = self.extra_positions()
         self.check_request(prompts, max_new_tokens, extra)
         b = len(prompts)
@@ -206,7 +207,7 @@ class Generator:
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
         with self._context():
             return self._prefill(self.all_params(), jnp.asarray(tokens), lengths, self.new_caches(b, s),
-                                 stack_params(sampling), jnp.asarray(max_new_tokens, jnp.int32),
+                                 stacked, jnp.asarray(max_new_tokens, jnp.int32),
                                  bucket(max(max_new_tokens)))
 
     def decode(self, state: DecodeState, sampling: dict, max_rounds: int) -> DecodeState:
@@ -223,8 +224,6 @@ class Generator:
         max_new = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
         sampling = sampling or SamplingParams()
         params = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
-        for p in params:
-            p.check()
         state = self.start(prompts, max_new, params)
         stacked = stack_params(params)
         rounds = chunk or max(max_new)

@@ -50,9 +50,6 @@ class Trainer:
     abstract_state: Any
     lower_train_step: Callable[[int, int], Any]  # (batch, seq_len) -> jax Lowered, for AOT compiles
 
-    def param_shardings(self) -> Any:
-        return self.state_shardings.params
-
 
 def _microbatches(batch: dict, accum: int) -> dict:
     """[B, T] -> [A, B/A, T] taking rows a, A + a, ... so each device's rows stay local."""
