@@ -71,7 +71,7 @@ def test_main_job_smoke_then_eval_and_sample(tmp_path):
     (["train", "--config.model.num_layer=2"], "unknown key 'num_layer' in config.model"),
     (["train", "--config.train.steps=ten"], "--config.train.steps='ten': expected a int"),
     (["train", "--config", "missing.py"], "--config: no such file 'missing.py'"),
-    (["train", "--config.mesh.data=3"], "config.mesh: data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 are available"),
+    (["train", "--config.mesh.data=3"], "config.mesh: data=3 x stage=1 x fsdp=1 x tensor=1 = 3 devices, but 8 are available"),
     (["sample", "--checkpoint", "/nonexistent"], "--checkpoint: no checkpoint in /nonexistent/checkpoints"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])

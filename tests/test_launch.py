@@ -94,6 +94,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     multi_losses = scalar_tags(str(tmp_path / "multi" / "tb"))["train/loss"]
     single_losses = scalar_tags(str(tmp_path / "single" / "tb"))["train/loss"]
+    print(f"\nlosses 2 processes x 4 devices: {multi_losses}\nlosses 1 process x 8 devices:   {single_losses}")
     assert len(multi_losses) == len(single_losses) == 4
     assert multi_losses == pytest.approx(single_losses, rel=1e-6)
     # only process 0 wrote TensorBoard events; both took part in the checkpoint

@@ -197,6 +197,6 @@ def test_compile_check_cli_on_a_virtual_v5p(tmp_path):
                             env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout[result.stdout.index("{"):])
-    assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert report["chips"] == 4 and report["mesh"] == {"data": 1, "stage": 1, "fsdp": 2, "tensor": 2}
     assert report["fits"] and 0 < report["xla_total_bytes"] < report["hbm_bytes"]
     assert report["flops_per_step_per_chip"] > 0

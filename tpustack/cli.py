@@ -284,10 +284,16 @@ def cmd_compile_check(args, overrides) -> int:
         raise UserError(f"--topology {args.topology!r}: {str(e).splitlines()[0]}") from None
     if args.json:
         print(json.dumps(r, indent=1))
-        return 0
+        return 0 if r["compiled"] else 3
     gb = 1e9
+    if not r["compiled"]:
+        print(f"{r['config']} on {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, ZeRO-{r['zero_stage']}: "
+              f"does NOT fit: XLA needs {r['xla_temp_bytes'] / gb:.2f} GB of temporaries per chip beside the "
+              f"state (estimate: {r['estimate_total_bytes'] / gb:.2f} GB in all, HBM {r['hbm_bytes'] / gb:.1f} GB); "
+              f"shard more (more chips, tensor, stage), remat, or a smaller batch")
+        return 3
     print(f"{r['config']} on {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, ZeRO-{r['zero_stage']}: "
-          f"compiles")
+          f"compiles" + (f", pipeline bubble {r['pipeline_bubble']:.1%}" if r["pipeline_bubble"] else ""))
     print(f"per chip   XLA: {r['xla_total_bytes'] / gb:.2f} GB (state/args {r['xla_argument_bytes'] / gb:.2f}, "
           f"temp {r['xla_temp_bytes'] / gb:.2f})   estimate: {r['estimate_total_bytes'] / gb:.2f} GB "
           f"(state {r['estimate_state_bytes'] / gb:.2f}, temp {r['estimate_temp_bytes'] / gb:.2f})")

@@ -60,10 +60,27 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    """Sizes of the mesh axes inside one slice (ICI) and across slices (DCN, multislice).
+
+    An axis's total size is its ICI size times its DCN size; DCN sizes multiply to the
+    number of slices. Usual multislice layouts put only `data` (or `fsdp`) across slices.
+    """
+
     data: int = 1
+    stage: int = 1  # pipeline stages (needs model.scan_layers)
     fsdp: int = -1  # -1 fills the devices the other axes leave
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_stage: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
     rules: str = "default"  # which table in mesh.RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    zero_stage: int = 3  # over the fsdp axis: 0 replicate all, 1 + shard Adam, 2 + grads, 3 + params
+    microbatches: int = 4  # pipeline (mesh.stage > 1): GPipe microbatches per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +141,7 @@ class Config:
     data: DataConfig
     checkpoint: CheckpointConfig
     distill: DistillConfig = DistillConfig()
+    parallel: ParallelConfig = ParallelConfig()
     name: str = "tpustack"
 
 
@@ -134,6 +152,7 @@ _SECTIONS = {
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
     "distill": DistillConfig,
+    "parallel": ParallelConfig,
 }
 
 
@@ -279,6 +298,20 @@ def validate(config: Config) -> None:
          f"{d.source!r} is not one of builtin, text, jsonl, bin")
     need(d.source == "builtin" or bool(d.path), "data.path", f"data.source={d.source!r} needs a path")
     need(0.0 < d.heldout_fraction < 0.5, "data.heldout_fraction", f"{d.heldout_fraction} not in (0, 0.5)")
+    p, mesh = config.parallel, config.mesh
+    need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{p.zero_stage} is not one of 0, 1, 2, 3")
+    need(p.microbatches >= 1, "parallel.microbatches", f"must be >= 1, got {p.microbatches}")
+    if mesh.stage * mesh.dcn_stage > 1:
+        stages = mesh.stage * mesh.dcn_stage
+        need(m.scan_layers, "model.scan_layers", "pipeline stages (mesh.stage > 1) split the stacked layers: "
+             "set --config.model.scan_layers=True")
+        need(m.num_layers % stages == 0, "mesh.stage",
+             f"{stages} stages must divide model.num_layers={m.num_layers}")
+        need(t.batch_size % (t.grad_accum * p.microbatches) == 0, "parallel.microbatches",
+             f"{p.microbatches} microbatches x train.grad_accum={t.grad_accum} must divide "
+             f"train.batch_size={t.batch_size}")
+    for axis in ("data", "stage", "fsdp", "tensor"):
+        need(getattr(mesh, f"dcn_{axis}") >= 1, f"mesh.dcn_{axis}", "DCN sizes are >= 1 (1: within a slice)")
     need(0.0 <= config.distill.alpha <= 1.0, "distill.alpha", f"{config.distill.alpha} not in [0, 1]")
     need(config.distill.temperature > 0, "distill.temperature", f"{config.distill.temperature} must be > 0")
 

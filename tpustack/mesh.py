@@ -4,7 +4,14 @@ Parameters are annotated where they are created with logical names (`embed`, `ml
 `heads`, `kv_heads`, `head_dim`, `vocab`, `layers`, `norm`); activations with `batch`,
 `length`, `act_*`. This table turns them into mesh axes. FSDP shards every weight's
 `embed` dimension over `fsdp`; tensor parallelism shards heads / mlp / vocab over
-`tensor` (Megatron: column-parallel in, row-parallel out); `data` replicates weights.
+`tensor` (Megatron: column-parallel q/k/v and gate/up, row-parallel o and down, a
+vocabulary-parallel embedding and LM head); pipeline parallelism splits the stacked
+`layers` over `stage`; `data` replicates weights. How much of the train state `fsdp`
+shards is the ZeRO stage (`parallel.zero_stage`, see `zero_shardings`).
+
+Axis order (data, stage, fsdp, tensor): the outermost axes are the ones whose
+collectives are rarest, so multislice puts them across slices (DCN) and keeps `tensor`,
+which talks every layer, on the fastest links.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tpustack.config import MeshConfig
 from tpustack.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "stage", "fsdp", "tensor")
 
 LogicalRules = tuple[tuple[str, Any], ...]
 
@@ -35,7 +42,7 @@ RULES: dict[str, LogicalRules] = {
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("head_dim", None),
-        ("layers", None),
+        ("layers", "stage"),
         ("norm", None),
         # activations
         ("batch", ("data", "fsdp")),
@@ -45,8 +52,13 @@ RULES: dict[str, LogicalRules] = {
         ("act_kv_heads", "tensor"),
         ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
+        ("act_stage", "stage"),
     ),
 }
+# Sequence-sharded activations between layers: for long contexts where [B, T, D] per device
+# is what does not fit. Weights as in the default table.
+RULES["sequence"] = tuple(("length", "tensor") if name == "length" else (name, axes)
+                          for name, axes in RULES["default"])
 
 
 def rules_for(name: str) -> LogicalRules:
@@ -55,39 +67,70 @@ def rules_for(name: str) -> LogicalRules:
     return RULES[name]
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Resolve -1 (fill the rest) and check the product against the device count."""
-    sizes = {axis: int(getattr(cfg, axis)) for axis in MESH_AXES}
-    fill = [a for a, s in sizes.items() if s == -1]
+def mesh_layout(cfg: MeshConfig, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(ICI sizes, DCN sizes) per axis: resolve -1 (fill the slice) and check the products."""
+    dcn = {axis: int(getattr(cfg, f"dcn_{axis}")) for axis in MESH_AXES}
+    for axis, size in dcn.items():
+        if size < 1:
+            raise UserError(f"config.mesh.dcn_{axis}={size}: DCN sizes are >= 1 (1: within one slice)")
+    slices = math.prod(dcn.values())
+    if num_devices % slices:
+        raise UserError(f"config.mesh: the dcn_* sizes multiply to {slices} slices, which does not divide "
+                        f"the {num_devices} devices; change the dcn_* sizes")
+    per_slice = num_devices // slices
+    ici = {axis: int(getattr(cfg, axis)) for axis in MESH_AXES}
+    fill = [a for a, s in ici.items() if s == -1]
     if len(fill) > 1:
         raise UserError(f"config.mesh: only one axis may be -1, got {', '.join(fill)}")
-    for axis, size in sizes.items():
+    for axis, size in ici.items():
         if size == 0 or size < -1:
             raise UserError(f"config.mesh.{axis}={size}: sizes are positive, or -1 to fill the rest")
-    known = math.prod(s for s in sizes.values() if s != -1)
+    known = math.prod(s for s in ici.values() if s != -1)
+    where = f" per slice ({slices} slices)" if slices > 1 else ""
     if fill:
-        if num_devices % known:
+        if per_slice % known:
             raise UserError(
                 f"config.mesh: the fixed axes multiply to {known}, which does not divide "
-                f"the {num_devices} devices; change the mesh sizes")
-        sizes[fill[0]] = num_devices // known
-    product = math.prod(sizes.values())
-    if product != num_devices:
-        shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
-        raise UserError(f"config.mesh: {shape} = {product} devices, but {num_devices} are available; "
-                        f"make the product {num_devices} (or set one axis to -1)")
-    return sizes
+                f"the {per_slice} devices{where}; change the mesh sizes")
+        ici[fill[0]] = per_slice // known
+    product = math.prod(ici.values())
+    if product != per_slice:
+        shape = " x ".join(f"{a}={s}" for a, s in ici.items())
+        raise UserError(f"config.mesh: {shape} = {product} devices, but {per_slice} are available{where}; "
+                        f"make the product {per_slice} (or set one axis to -1)")
+    return ici, dcn
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Total size of each axis (ICI x DCN)."""
+    ici, dcn = mesh_layout(cfg, num_devices)
+    return {axis: ici[axis] * dcn[axis] for axis in MESH_AXES}
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over all (or the given) devices with axes (data, fsdp, tensor)."""
+    """A Mesh over all (or the given) devices with axes (data, stage, fsdp, tensor).
+
+    Multislice (any dcn_* > 1): each axis is DCN-major, so devices that differ along an
+    axis's DCN part sit in different slices. Real TPU slices come from the devices'
+    slice_index; CPU and virtual devices are cut into slices in order.
+    """
     devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        device_array = mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # noqa: BLE001 - virtual / CPU devices have no physical topology
-        device_array = np.asarray(devices).reshape(shape)
+    ici, dcn = mesh_layout(cfg, len(devices))
+    ici_shape = tuple(ici[a] for a in MESH_AXES)
+    dcn_shape = tuple(dcn[a] for a in MESH_AXES)
+    if math.prod(dcn_shape) > 1:
+        try:
+            device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+        except Exception:  # noqa: BLE001 - no slice_index (CPU / virtual devices)
+            n = len(MESH_AXES)
+            grid = np.asarray(devices).reshape(dcn_shape + ici_shape)
+            interleave = [i for pair in zip(range(n), range(n, 2 * n)) for i in pair]
+            device_array = grid.transpose(interleave).reshape([d * i for d, i in zip(dcn_shape, ici_shape)])
+    else:
+        try:
+            device_array = mesh_utils.create_device_mesh(ici_shape, devices)
+        except Exception:  # noqa: BLE001 - virtual / CPU devices have no physical topology
+            device_array = np.asarray(devices).reshape(ici_shape)
     return Mesh(device_array, MESH_AXES)
 
 
@@ -139,6 +182,27 @@ def param_shardings(model_cfg, mesh: Mesh, rules: LogicalRules) -> Any:
 
     boxed = jax.eval_shape(lambda: Decoder(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)["params"]
+
+
+def zero_shardings(shardings: Any, shard_over_fsdp: bool) -> Any:
+    """ZeRO: a train-state tree's shardings with `fsdp` kept (sharded) or dropped (replicated).
+
+    The rules shard every weight's `embed` dimension over fsdp (ZeRO-3). Stages 0-2 keep
+    some trees whole on every fsdp device: params (stages 0-2), gradients (0-1) and the
+    Adam moments (0) lose the fsdp axis from their specs and are replicated across it.
+    """
+    if shard_over_fsdp:
+        return shardings
+
+    def drop(sharding: NamedSharding) -> NamedSharding:
+        def strip(axes):
+            if axes is None:
+                return None
+            kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a != "fsdp")
+            return kept[0] if len(kept) == 1 else (kept or None)
+        return NamedSharding(sharding.mesh, PartitionSpec(*(strip(a) for a in sharding.spec)))
+
+    return jax.tree.map(drop, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def kv_cache_sharding(mesh: Mesh, rules: LogicalRules, ndim: int) -> NamedSharding:

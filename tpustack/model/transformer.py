@@ -61,11 +61,16 @@ class Decoder(nn.Module):
     """
 
     cfg: ModelConfig
+    stages: int = 1  # pipeline stages over the mesh's `stage` axis (training; needs scan_layers)
+    microbatches: int = 1  # GPipe microbatches per call when stages > 1
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, cache=None,
                  prefill: bool = False):
         cfg = self.cfg
+        pipelined = self.stages > 1 and cache is None and not self.is_initializing()
+        if pipelined and positions_BT is not None:
+            raise ValueError("the pipelined decoder trains on whole sequences: pass no positions")
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         embedding_VD = param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
@@ -84,7 +89,11 @@ class Decoder(nn.Module):
             layers = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH)
+            if pipelined:
+                layer_params = self.variables["params"]["layers"]["block"]
+                x_BTD = gpipe(cfg, layer_params, x_BTD, self.stages, self.microbatches)
+            else:
+                x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH)
         else:
             block = block_class(cfg)
             for i in range(cfg.num_layers):
@@ -96,6 +105,63 @@ class Decoder(nn.Module):
             logits_BTV = linear(self, "lm_head", x_BTD, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
         return logits_BTV if cache is None else (logits_BTV, cache)
+
+
+def gpipe(cfg: ModelConfig, layer_params, x_BTD: jax.Array, stages: int, microbatches: int) -> jax.Array:
+    """Run the stacked layers as a GPipe pipeline: S stages over the mesh's `stage` axis, M microbatches.
+
+    The [L, ...] layer weights are viewed as [S, L/S, ...]; the rules shard that leading
+    axis over `stage`, so device group s holds layers [s L/S, (s+1) L/S). Each of the
+    M + S - 1 ticks runs every stage once (a vmap over the stage axis that the SPMD
+    partitioner splits across the stage groups), then shifts each stage's output to the
+    next stage (a collective permute). Stage s works on microbatch (tick - s); the other
+    ticks are the bubble, (S-1)/(M+S-1) of the time, computing on data that is thrown away.
+    The backward pass is autodiff's reverse of the same loop. Microbatch m takes rows
+    m, M + m, ... of the batch, so each device keeps its own rows.
+    """
+    S, M = stages, microbatches
+    B, T, D = x_BTD.shape
+    if B % M:
+        raise ValueError(f"batch {B} is not divisible by {M} pipeline microbatches")
+    b = B // M
+    x_MbTD = jnp.swapaxes(x_BTD.reshape(b, M, T, D), 0, 1)
+    x_MbTD = nn.with_logical_constraint(x_MbTD, (None, *ACT_BTD))
+    # [L, ...] sharded (stage, ...) -> [S, L/S, ...]: the split keeps every shard in place.
+    params_S = jax.tree.map(lambda p: p.reshape(S, p.shape[0] // S, *p.shape[1:]), layer_params)
+    positions_bT = jnp.broadcast_to(jnp.arange(T), (b, T))
+    cos_bTH, sin_bTH = rope_tables(positions_bT, cfg.heads_dim, cfg.rope_theta)
+    block = block_class(cfg)(cfg)
+    stage_axes = ("act_stage", *ACT_BTD)
+
+    def run_stage(stage_params, x_bTD):
+        def layer(x, p):
+            return block.apply({"params": p}, x, cos_bTH, sin_bTH), None
+        return jax.lax.scan(layer, x_bTD, stage_params)[0]
+
+    run_stages = jax.vmap(run_stage, spmd_axis_name="stage")
+    is_first_S = (jnp.arange(S) == 0)[:, None, None, None]
+
+    def tick(carry, i):
+        state_SbTD, out_MbTD = carry
+        feed_bTD = jax.lax.dynamic_index_in_dim(x_MbTD, jnp.minimum(i, M - 1), keepdims=False)
+        # stage s takes stage s-1's last output; stage 0 takes the next microbatch.
+        in_SbTD = jnp.where(is_first_S, feed_bTD[None], jnp.roll(state_SbTD, 1, axis=0))
+        in_SbTD = nn.with_logical_constraint(in_SbTD, stage_axes)
+        state_SbTD = nn.with_logical_constraint(run_stages(params_S, in_SbTD), stage_axes)
+        done = i - (S - 1)  # the microbatch the last stage just finished, if >= 0
+        slot = jnp.maximum(done, 0)
+        old_bTD = jax.lax.dynamic_index_in_dim(out_MbTD, slot, keepdims=False)
+        new_bTD = jnp.where(done >= 0, state_SbTD[S - 1], old_bTD)  # select one slot, update in place
+        return (state_SbTD, jax.lax.dynamic_update_index_in_dim(out_MbTD, new_bTD, slot, 0)), None
+
+    state_SbTD = nn.with_logical_constraint(jnp.zeros((S, b, T, D), x_BTD.dtype), stage_axes)
+    (_, out_MbTD), _ = jax.lax.scan(tick, (state_SbTD, jnp.zeros_like(x_MbTD)), jnp.arange(M + S - 1))
+    return jnp.swapaxes(out_MbTD, 0, 1).reshape(B, T, D)
+
+
+def pipeline_bubble(stages: int, microbatches: int) -> float:
+    """GPipe's idle fraction: (S - 1) / (M + S - 1)."""
+    return (stages - 1) / (microbatches + stages - 1)
 
 
 def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
@@ -110,10 +176,16 @@ def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
                   weights_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Summed token cross-entropy in f32 and the number of weighted tokens."""
+    """Summed token cross-entropy in f32 and the number of weighted tokens.
+
+    Vocabulary-parallel: with the vocab axis of the logits sharded over `tensor`, both the
+    log-sum-exp and the target logit (a masked sum, not a gather) are per-shard reductions
+    followed by an all-reduce of [B, T] values; the full [B, T, V] never lands on one device.
+    """
     logits_BTV = logits_BTV.astype(jnp.float32)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    vocab_V = jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype)
+    target_logit_BT = jnp.sum(jnp.where(vocab_V == targets_BT[..., None], logits_BTV, 0.0), axis=-1)
     nll_BT = logz_BT - target_logit_BT
     if weights_BT is None:
         weights_BT = jnp.ones_like(nll_BT)

@@ -12,11 +12,20 @@ from typing import Any
 
 from tpustack.plan.memory import train_memory
 
-# Mesh layout -> the ZeRO stage our train step realises with it: `data` replicates the
-# whole state (ZeRO-0), `fsdp` shards all of it (ZeRO-3). ZeRO-1/2 need issue 3.
-LAYOUTS = {"data8": ({"data": 8, "fsdp": 1, "tensor": 1}, 0),
-           "fsdp8": ({"data": 1, "fsdp": 8, "tensor": 1}, 3),
-           "fsdp4xtensor2": ({"data": 1, "fsdp": 4, "tensor": 2}, 3)}
+# Named 8-device layouts: (mesh sizes, ZeRO stage over fsdp). `data` replicates the whole
+# state whatever the stage; `fsdp` shards as much of it as parallel.zero_stage says.
+_M = lambda data=1, stage=1, fsdp=1, tensor=1: {"data": data, "stage": stage, "fsdp": fsdp, "tensor": tensor}  # noqa: E731
+LAYOUTS = {"data8": (_M(data=8), 0),
+           "fsdp8-zero0": (_M(fsdp=8), 0),
+           "fsdp8-zero1": (_M(fsdp=8), 1),
+           "fsdp8-zero2": (_M(fsdp=8), 2),
+           "fsdp8": (_M(fsdp=8), 3),
+           "data2xfsdp4": (_M(data=2, fsdp=4), 3),
+           "fsdp4xtensor2": (_M(fsdp=4, tensor=2), 3),
+           "data4xtensor2": (_M(data=4, tensor=2), 0),
+           "stage2xfsdp4": (_M(stage=2, fsdp=4), 3),
+           "stage4xdata2": (_M(stage=4, data=2), 0),
+           "data2xstage2xtensor2": (_M(data=2, stage=2, tensor=2), 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +78,12 @@ def check(config_path: str, backend: str, layout: str, remat: str, overrides: di
     from tpustack.config import load_config
 
     mesh, stage = LAYOUTS[layout]
-    ov = {**(overrides or {}), "model.remat_policy": remat, **{f"mesh.{k}": str(v) for k, v in mesh.items()}}
+    ov = {**(overrides or {}), "model.remat_policy": remat, "parallel.zero_stage": str(stage),
+          **{f"mesh.{k}": str(v) for k, v in mesh.items()}}
     config = load_config(config_path, ov)
     stats = compile_train_step(config, devices if devices is not None else devices_for(backend))
     est = train_memory(config.model, config.train.precision, mesh, stage, config.train.batch_size,
-                       config.train.seq_len, remat, backend=backend)
+                       config.train.seq_len, remat, backend=backend, microbatches=config.parallel.microbatches)
     return Row(config.name, backend, layout, remat, stage, float(stats.argument_size_in_bytes),
                float(stats.temp_size_in_bytes), est.state + est.batch,
                est.grads + est.compute_copy + est.activations)
@@ -93,27 +103,45 @@ def table(rows: list[Row]) -> str:
 
 def compile_check(config, topology: str) -> dict[str, Any]:
     """Compile config's train step for a (virtual) TPU topology: XLA's per-chip bytes and FLOPs
-    beside our estimate, so a user knows whether the job compiles and fits before renting."""
+    beside our estimate, so a user knows whether the job compiles and fits before renting.
+
+    A step that needs more HBM than the chip has does not compile (RESOURCE_EXHAUSTED); that
+    is an answer too: the report says it does not fit and how much XLA asked for.
+    """
+    import re
+
     from tpustack.mesh import mesh_shape
+    from tpustack.model.transformer import pipeline_bubble
     from tpustack.plan.chips import chip
 
     devices = devices_for("tpu", topology)
-    compiled = compile_train_step_full(config, devices)
+    mesh = mesh_shape(config.mesh, len(devices))
+    stage = config.parallel.zero_stage if mesh["fsdp"] > 1 else 0
+    est = train_memory(config.model, config.train.precision, mesh, stage, config.train.batch_size,
+                       config.train.seq_len, config.model.remat_policy, backend="tpu",
+                       microbatches=config.parallel.microbatches)
+    generation = topology.split(":")[0]
+    hbm = chip(generation).hbm_bytes if generation in ("v4", "v5e", "v5p", "v6e") else 0.0
+    report = {"config": config.name, "topology": topology, "chips": len(devices), "mesh": mesh, "zero_stage": stage,
+              "pipeline_bubble": pipeline_bubble(mesh["stage"], config.parallel.microbatches),
+              "estimate_state_bytes": est.state + est.batch,
+              "estimate_temp_bytes": est.grads + est.compute_copy + est.activations,
+              "estimate_total_bytes": est.total, "hbm_bytes": hbm}
+    try:
+        compiled = compile_train_step_full(config, devices)
+    except Exception as e:  # noqa: BLE001 - jax raises JaxRuntimeError; only OOM is an answer
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        return {**report, "fits": False, "compiled": False, "xla_error": str(e).splitlines()[0][:300],
+                "xla_temp_bytes": float(need.group(1)) * 2**30 if need else float("nan")}
     stats = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mesh = mesh_shape(config.mesh, len(devices))
-    stage = 3 if mesh["fsdp"] > 1 else 0
-    est = train_memory(config.model, config.train.precision, mesh, stage, config.train.batch_size,
-                       config.train.seq_len, config.model.remat_policy, backend="tpu")
     xla_total = float(stats.argument_size_in_bytes + stats.temp_size_in_bytes
                       + stats.output_size_in_bytes - stats.alias_size_in_bytes)
-    generation = topology.split(":")[0]
-    hbm = chip(generation).hbm_bytes if generation in ("v4", "v5e", "v5p", "v6e") else 0.0
-    return {"config": config.name, "topology": topology, "chips": len(devices), "mesh": mesh, "zero_stage": stage,
+    return {**report, "compiled": True,
             "xla_argument_bytes": float(stats.argument_size_in_bytes), "xla_temp_bytes": float(stats.temp_size_in_bytes),
             "xla_output_bytes": float(stats.output_size_in_bytes), "xla_alias_bytes": float(stats.alias_size_in_bytes),
-            "xla_total_bytes": xla_total, "estimate_state_bytes": est.state + est.batch,
-            "estimate_temp_bytes": est.grads + est.compute_copy + est.activations,
-            "estimate_total_bytes": est.total, "hbm_bytes": hbm, "fits": bool(hbm and xla_total <= hbm),
+            "xla_total_bytes": xla_total, "fits": bool(hbm and xla_total <= hbm),
             "flops_per_step_per_chip": float(cost.get("flops", 0.0)) if cost else 0.0}

@@ -101,7 +101,7 @@ def default_rules() -> dict[str, Any]:
 
 
 def shard_shape(shape: Sequence[int], axes: Sequence[str], mesh: dict[str, int], rules: dict[str, Any],
-                sharded_axes: Sequence[str] = ("data", "fsdp", "tensor")) -> tuple[int, ...]:
+                sharded_axes: Sequence[str] = ("data", "stage", "fsdp", "tensor")) -> tuple[int, ...]:
     """Per-device shape: each dim divided by the mesh axes its logical name maps to (ceil)."""
     out = []
     for dim, name in zip(shape, axes):
@@ -117,7 +117,7 @@ def tree_bytes(table: list[Param], bytes_per_elem: float, mesh: dict[str, int] |
     """Per-device bytes of a parameter-shaped tree; zero_sharded=False replicates it over fsdp."""
     mesh = mesh or {}
     rules = default_rules() if rules is None and mesh else (rules or {})
-    axes = ("data", "fsdp", "tensor") if zero_sharded else ("data", "tensor")
+    axes = ("data", "stage", "fsdp", "tensor") if zero_sharded else ("data", "stage", "tensor")
     return sum(math.prod(shard_shape(p.shape, p.axes, mesh, rules, axes)) * bytes_per_elem for p in table)
 
 
@@ -175,30 +175,81 @@ class TrainMemory:
 
 
 def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: int,
-                 batch: int, seq_len: int, remat: str | None = None, backend: str = "tpu") -> TrainMemory:
+                 batch: int, seq_len: int, remat: str | None = None, backend: str = "tpu",
+                 microbatches: int = 4) -> TrainMemory:
     """Our layout's per-device training bytes for ZeRO `stage` (0..3) sharding over mesh['fsdp'].
 
     backend "tpu": the cast to the compute dtype fuses into each matmul, so a compute copy
     exists only where ZeRO-3 gathers weights; "cpu": XLA CPU materialises the cast copy.
+    microbatches: GPipe microbatches (parallel.microbatches), used when mesh['stage'] > 1.
+
+    `activations` is everything at the step's peak beyond the gradients and the compute
+    copy: the backward pass's residuals and workspace, or the optimizer update's workspace
+    tree where that is larger (see below).
     """
+    from tpustack.plan.activations import activations as activation_peak
+
     table = param_table(cfg)
     master_b = DTYPE_BYTES[cfg.param_dtype]
     compute = COMPUTE_DTYPE[precision]
+    c = DTYPE_BYTES[compute]
     master = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 3)
     grads = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 2)
     adam = 2 * tree_bytes(table, 4, mesh, zero_sharded=stage >= 1)
     copy = 0.0
-    if DTYPE_BYTES[compute] < master_b:
+    if c < master_b:
         if stage >= 3:  # gathered just in time: one layer ahead plus the embedding and head
-            copy = _gathered_copy_bytes(cfg, mesh, DTYPE_BYTES[compute])
+            copy = _gathered_copy_bytes(cfg, mesh, c)
         elif backend == "cpu":
-            copy = tree_bytes(table, DTYPE_BYTES[compute], mesh, zero_sharded=False)
-    from tpustack.plan.activations import activation_bytes
+            copy = tree_bytes(table, c, mesh, zero_sharded=False)
 
+    one = dataclasses.replace(cfg, num_layers=1, scan_layers=False)
+    layer = [p for p in param_table(one) if p.name.startswith("layer_0/")]
+    # One layer's weights as its matmuls read them: whole over fsdp (ZeRO-3 all-gathers
+    # them, ZeRO-0..2 slice them out of the stacked [L, ...] weights), split over tensor.
+    layer_weights = tree_bytes(layer, c, mesh, zero_sharded=False)
+    # A scanned layer's weight-shaped residuals: layers.dense reshapes the 3-D q/k/v/o
+    # weights to 2-D, a new value per scan step that autodiff stacks as a [L, ...] residual
+    # (the 2-D MLP weights are forwarded from the scan's inputs instead). Under bf16/fp16
+    # the cast to the compute dtype is such a value for every weight. Sharded as the
+    # params are (ZeRO-3: the shard, gathered after the reshape).
+    saved_weights = 0.0
+    if cfg.scan_layers and (remat or cfg.remat_policy) == "none":
+        reshaped = layer if c < master_b else [p for p in layer if len(p.shape) == 3]
+        saved_weights = tree_bytes(reshaped, c, mesh, zero_sharded=stage >= 3)
+    stages = mesh.get("stage", 1)
     ways = mesh.get("data", 1) * mesh.get("fsdp", 1)
-    acts = activation_bytes(cfg, compute, -(-batch // ways), seq_len, remat or cfg.remat_policy,
-                            tensor=mesh.get("tensor", 1))
-    return TrainMemory(stage, master, grads, adam, copy, acts, 2 * 4 * batch * seq_len / ways)
+    acts = activation_peak(cfg, compute, -(-batch // ways), seq_len, remat or cfg.remat_policy,
+                           tensor=mesh.get("tensor", 1), layer_weight_bytes=layer_weights,
+                           saved_weight_bytes=saved_weights, stages=stages, microbatches=microbatches)
+    peak = acts.total
+    if stages > 1:
+        # GPipe (model/transformer.py `gpipe`), beyond the activations:
+        per_stage = cfg.num_layers // stages
+        stage_layers = [p for p in table if p.axes and p.axes[0] == "layers"]
+        # Each backward tick computes one layer's weight gradients (whole over fsdp) and
+        # reduces them over data / fsdp into a second buffer before accumulating.
+        tick_grads = 2 * tree_bytes(layer, master_b, mesh, zero_sharded=False)
+        if (remat or cfg.remat_policy) == "none":  # live beside the layer's residual slices
+            peak += tick_grads
+        else:  # the recomputed layer is dead by then (XLA's peak is the reduction after the loop)
+            peak += max(0.0, tick_grads - acts.workspace)
+        if per_stage > 1 or (stage >= 3 and mesh.get("fsdp", 1) > 1):
+            # params viewed as [S, L/S, ...] and constrained to ("act_stage", None, ...):
+            # a copy of this stage's layers, whole over fsdp, for the whole step.
+            peak += tree_bytes(stage_layers, c, mesh, zero_sharded=False)
+        if per_stage > 1:
+            # the gradient of that copy: the inner layer scan's stacked [L/S, ...]
+            # gradients and the tick loop's accumulator, both whole over fsdp.
+            peak += 2 * tree_bytes(stage_layers, master_b, mesh, zero_sharded=False)
+    # The optimizer update, after the backward pass: train/step.py divides the gradients
+    # by the loss scale (a new tree, as grads is sharded; the old one dies), then
+    # clip_by_global_norm writes the clipped gradients (a tree sharded like Adam's moments)
+    # before adamw reads them. When that tree outweighs the activations (remat, ZeRO-0) it
+    # is the step's peak.
+    update = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 1)
+    peak = max(peak, update)
+    return TrainMemory(stage, master, grads, adam, copy, peak, 2 * 4 * batch * seq_len / ways)
 
 
 def _gathered_copy_bytes(cfg: ModelConfig, mesh: dict[str, int], elem: float) -> float:

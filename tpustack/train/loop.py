@@ -20,6 +20,7 @@ from tpustack.config import Config
 from tpustack.data import Batcher, load_tokenizer, load_tokens
 from tpustack.errors import UserError
 from tpustack.mesh import batch_divisor, make_mesh, rules_for
+from tpustack.model.transformer import pipeline_bubble
 from tpustack.metrics import MetricsWriter, Progress, flops_per_token, mfu, peak_flops_total
 from tpustack.train.step import Trainer, TrainState, global_batch, make_trainer
 
@@ -119,7 +120,11 @@ def train(config: Config, workdir: str, stop_at_step: int | None = None, quiet: 
     progress = Progress(total=last, initial=start, desc=config.name) if not quiet else None
     say = progress.write if progress else (lambda line: None)
     say(f"{config.name}: {config.model.num_params() / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
-        f"steps {start}->{last}, workdir {workdir}")
+        f"ZeRO-{config.parallel.zero_stage}, steps {start}->{last}, workdir {workdir}")
+    if mesh.shape["stage"] > 1:
+        m = config.parallel.microbatches
+        say(f"pipeline: {mesh.shape['stage']} stages x {m} microbatches (GPipe), bubble "
+            f"{pipeline_bubble(mesh.shape['stage'], m):.1%} of each step")
 
     losses: dict[int, float] = {}
     eval_loss = None
@@ -195,7 +200,9 @@ def load_trained(workdir: str, mesh_overrides: dict[str, Any] | None = None,
     """
     ckpt = Checkpointer(workdir, read_only=True)
     config = ckpt.config()
-    mesh_cfg = dataclasses.replace(config.mesh, **(mesh_overrides or {"data": 1, "fsdp": -1, "tensor": 1}))
+    whole_slice = {"data": 1, "stage": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_stage": 1, "dcn_fsdp": 1,
+                   "dcn_tensor": 1}
+    mesh_cfg = dataclasses.replace(config.mesh, **{**whole_slice, **(mesh_overrides or {})})
     config = dataclasses.replace(config, mesh=mesh_cfg)
     trainer = make_trainer(config, make_mesh(config.mesh, devices))
     state = ckpt.restore(trainer.abstract_state, trainer.state_shardings)

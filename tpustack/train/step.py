@@ -18,7 +18,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tpustack.config import Config, ModelConfig
-from tpustack.mesh import batch_sharding, check_divisible, mesh_context, param_shardings, rules_for
+from tpustack.mesh import (batch_sharding, check_divisible, mesh_context, param_shardings, rules_for,
+                           zero_shardings)
 from tpustack.model import Decoder, cross_entropy
 from tpustack.train.distill import distillation_loss
 from tpustack.train.optim import learning_rate_schedule, make_optimizer
@@ -67,7 +68,7 @@ def make_trainer(config: Config, mesh: Mesh, teacher: tuple[ModelConfig, Any] | 
     """
     rules = rules_for(config.mesh.rules)
     model_cfg = apply_precision(config.model, config.train)
-    model = Decoder(model_cfg)
+    model = Decoder(model_cfg, stages=mesh.shape.get("stage", 1), microbatches=config.parallel.microbatches)
     tx = make_optimizer(config.train)
     schedule = learning_rate_schedule(config.train)
     t = config.train
@@ -84,9 +85,14 @@ def make_trainer(config: Config, mesh: Mesh, teacher: tuple[ModelConfig, Any] | 
     with mesh_context(mesh, rules):
         boxed = jax.eval_shape(init_boxed, abstract_key)
         specs = nn.get_partition_spec(boxed)
-        state_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+        full_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)  # everything over fsdp: ZeRO-3
     abstract_state = nn.meta.unbox(boxed)
-    check_divisible(abstract_state, jax.tree.map(lambda s: s.spec, state_shardings), mesh)
+    check_divisible(abstract_state, jax.tree.map(lambda s: s.spec, full_shardings), mesh)
+    # ZeRO stage: what `fsdp` shards. The rest is whole on every fsdp device.
+    zero = config.parallel.zero_stage
+    state_shardings = full_shardings.replace(params=zero_shardings(full_shardings.params, zero >= 3),
+                                             opt_state=zero_shardings(full_shardings.opt_state, zero >= 1))
+    grad_shardings = zero_shardings(full_shardings.params, zero >= 2)  # 2+: reduce-scatter, else all-reduce
     data_sharding = batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -125,7 +131,7 @@ def make_trainer(config: Config, mesh: Mesh, teacher: tuple[ModelConfig, Any] | 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
                                             _microbatches(batch, t.grad_accum))
-        grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         grads = jax.tree.map(lambda g: g / scale, grads)
         finite = all_finite(grads)
 

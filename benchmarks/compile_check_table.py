@@ -1,0 +1,52 @@
+"""The compile-check table: full-size Llama configs compiled ahead of time for TPU topologies.
+
+Nothing runs on a TPU: libtpu's virtual topologies compile the real sharded train step on
+this CPU machine, and XLA's per-chip memory and FLOPs come back with the compile time.
+
+    python benchmarks/compile_check_table.py [--out benchmarks/results/compile_check.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# (config, topology, overrides): the layout we recommend for each (see docs/parallelism.md).
+CASES = [
+    ("configs/llama2_7b.py", "v5p:4x4x4", {"mesh.fsdp": "-1", "train.batch_size": "256"}),
+    ("configs/llama2_13b.py", "v5p:4x4x4", {"mesh.fsdp": "-1", "train.batch_size": "256"}),
+    ("configs/llama2_7b.py", "v5e:4x4", {"mesh.fsdp": "-1", "train.batch_size": "16"}),
+    ("configs/llama2_13b.py", "v5e:4x4", {"mesh.fsdp": "-1", "train.batch_size": "16"}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/compile_check.json")
+    ap.add_argument("--only", default="", help="substring filter on 'config topology'")
+    args = ap.parse_args()
+    from tpustack.config import load_config
+    from tpustack.plan.compiled import compile_check
+
+    rows = []
+    for path, topo, ov in CASES:
+        if args.only and args.only not in f"{path} {topo}":
+            continue
+        t0 = time.perf_counter()
+        r = compile_check(load_config(path, ov), topo)
+        r["compile_s"] = round(time.perf_counter() - t0, 1)
+        r["overrides"] = ov
+        rows.append(r)
+        print(f"{r['config']:10s} {topo:10s} mesh {r['mesh']} XLA {r['xla_total_bytes'] / 1e9:6.2f} GB/chip "
+              f"est {r['estimate_total_bytes'] / 1e9:6.2f} GB  HBM {r['hbm_bytes'] / 1e9:5.1f} GB "
+              f"fits={r['fits']}  {r['flops_per_step_per_chip']:.3e} FLOPs/chip  {r['compile_s']} s", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Collectives in a compiled (SPMD-partitioned) HLO module: what each moves per step.
+
+Reads `compiled.as_text()`: every all-reduce / all-gather / reduce-scatter /
+collective-permute / all-to-all with its operand bytes, its replica-group size, the
+computation it sits in and how many times that computation runs per step (a while
+loop's `known_trip_count`, nested loops multiplied). `moved_bytes` is what one device
+sends over the links for it with ring algorithms: all-reduce 2 (n-1)/n x bytes,
+all-gather and reduce-scatter (n-1)/n x the full (gathered / pre-scatter) bytes,
+collective-permute and all-to-all the operand bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_OP = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.+?) (" + "|".join(KINDS) + r")(?:-start)?\((.*)$")
+_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+_WHILE = re.compile(r"\bwhile\(.*body=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+_CALLS = re.compile(r"\b(?:to_apply|calls|body|condition|branch_computations|true_computation|false_computation)=")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str
+    computation: str
+    operand_bytes: float  # the result's bytes (all-gather: the gathered, full array)
+    group: int  # devices in each replica group
+    runs: int  # times per step (loop trip counts)
+    op_name: str  # jax's metadata: where in the program it came from
+
+    @property
+    def moved_bytes(self) -> float:
+        """Bytes one device sends per run (ring algorithms)."""
+        n = self.group
+        if n <= 1:
+            return 0.0
+        if self.kind == "all-reduce":
+            return 2 * (n - 1) / n * self.operand_bytes
+        if self.kind in ("all-gather", "reduce-scatter"):
+            return (n - 1) / n * self.operand_bytes
+        return self.operand_bytes
+
+
+def _array_bytes(text: str) -> float:
+    return sum(DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x) for d, dims in _ARRAY.findall(text))
+
+
+def _group_size(line: str, kind: str) -> int:
+    if kind == "collective-permute":
+        return 2
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\].*?\{([^}]*)\}", line)
+    if m:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
+    return 1
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of a compiled module, with how often it runs per step."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            name = header.group(1)
+            comps[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            comps[name].append(line)
+    # runs per step: a while body runs trip-count times per run of its caller; other called
+    # computations (fusions, reducers, branches) run as often as their caller.
+    callers: dict[str, list[tuple[str, int]]] = {}
+    for comp, lines in comps.items():
+        for line in lines:
+            loop = _WHILE.search(line)
+            for callee in re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", line):
+                trips = int(loop.group(2)) if loop and callee == loop.group(1) else 1
+                callers.setdefault(callee, []).append((comp, trips))
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                for callee in re.findall(r"%?([\w.\-]+)", group):
+                    callers.setdefault(callee, []).append((comp, 1))
+
+    memo: dict[str, int] = {}
+
+    def runs(comp: str, depth: int = 0) -> int:
+        if comp in memo:
+            return memo[comp]
+        if comp not in callers or depth > 50:
+            return 1
+        memo[comp] = max(runs(c, depth + 1) * t for c, t in callers[comp])
+        return memo[comp]
+
+    out = []
+    for comp, lines in comps.items():
+        for line in lines:
+            m = _OP.match(line)
+            if not m:
+                continue
+            result, kind = m.group(1), m.group(2)
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            # async starts return ((operands), (results)...): count the results only once
+            size = _array_bytes(result)
+            if line.split("=", 1)[1].strip().startswith("(") and f"{kind}-start(" in line:
+                size /= 2
+            out.append(Collective(kind, comp, size, _group_size(line, kind), runs(comp),
+                                  op_name.group(1) if op_name else ""))
+    return out
+
+
+def summary(colls: list[Collective]) -> dict[str, dict[str, float]]:
+    """Per kind: ops (static), runs per step, and bytes moved per device per step."""
+    out: dict[str, dict[str, float]] = {}
+    for c in colls:
+        row = out.setdefault(c.kind, {"ops": 0, "runs": 0, "moved_bytes": 0.0})
+        row["ops"] += 1
+        row["runs"] += c.runs
+        row["moved_bytes"] += c.runs * c.moved_bytes
+    return out
