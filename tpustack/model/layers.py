@@ -90,8 +90,15 @@ def kernel_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, im
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(q_BTNH, k_BSKH, v_BSKH)
-    q_spec = nn.logical_to_mesh_axes(("batch", "length", "act_heads", None))
-    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "act_kv_heads", None))
+    def spec_for(x: jax.Array, names: tuple) -> jax.sharding.PartitionSpec:
+        # A dim its mesh axes do not divide (the batch of 1 that init traces with) stays whole.
+        axes = nn.logical_to_mesh_axes(names)
+        fits = lambda dim, a: a is None or dim % math.prod(  # noqa: E731
+            mesh.shape[n] for n in (a if isinstance(a, tuple) else (a,))) == 0
+        return jax.sharding.PartitionSpec(*(a if fits(d, a) else None for d, a in zip(x.shape, axes)))
+
+    q_spec = spec_for(q_BTNH, ("batch", "length", "act_heads", None))
+    kv_spec = spec_for(k_BSKH, ("batch", "length", "act_kv_heads", None))
     return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
                          check_vma=False)(q_BTNH, k_BSKH, v_BSKH)
 

@@ -235,8 +235,8 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         else:  # the recomputed layer is dead by then (XLA's peak is the reduction after the loop)
             peak += max(0.0, tick_grads - acts.workspace)
         if per_stage > 1 or (stage >= 3 and mesh.get("fsdp", 1) > 1):
-            # params viewed as [S, L/S, ...] and constrained to ("act_stage", None, ...):
-            # a copy of this stage's layers, whole over fsdp, for the whole step.
+            # params viewed as [S, L/S, ...]: XLA all-gathers this stage's layers over fsdp
+            # once per step (hoisted out of the tick loop), whole for the whole step.
             peak += tree_bytes(stage_layers, c, mesh, zero_sharded=False)
         if per_stage > 1:
             # the gradient of that copy: the inner layer scan's stacked [L/S, ...]
