@@ -68,9 +68,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/parallel_layouts.json")
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--only", default="", help="substring filter on layout names")
     args = ap.parse_args()
     rows = []
-    for layout in LAYOUTS:
+    for layout in (name for name in LAYOUTS if args.only in name):
         rows.append(measure(layout, args.remat))
         print(f"{layout}: {rows[-1]['compile_s']} s", flush=True)
     print(markdown(rows))

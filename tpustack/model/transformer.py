@@ -118,6 +118,13 @@ def gpipe(cfg: ModelConfig, layer_params, x_BTD: jax.Array, stages: int, microba
     ticks are the bubble, (S-1)/(M+S-1) of the time, computing on data that is thrown away.
     The backward pass is autodiff's reverse of the same loop. Microbatch m takes rows
     m, M + m, ... of the batch, so each device keeps its own rows.
+
+    Gradients are reduced across the batch shards once per step, not once per tick: each
+    of the n batch shards (data x fsdp) runs on its own view of the stage's weights, a
+    broadcast [S, n, L/S, ...] split over the batch axes (a second vmap). Its per-shard
+    gradients accumulate locally through the tick loop, and the broadcast's transpose (a
+    sum over n) is the one all-reduce / reduce-scatter after it. Without this XLA reduced
+    every tick's weight gradients inside the loop, M + S - 1 times the traffic.
     """
     S, M = stages, microbatches
     B, T, D = x_BTD.shape
@@ -128,24 +135,46 @@ def gpipe(cfg: ModelConfig, layer_params, x_BTD: jax.Array, stages: int, microba
     x_MbTD = nn.with_logical_constraint(x_MbTD, (None, *ACT_BTD))
     # [L, ...] sharded (stage, ...) -> [S, L/S, ...]: the split keeps every shard in place.
     params_S = jax.tree.map(lambda p: p.reshape(S, p.shape[0] // S, *p.shape[1:]), layer_params)
-    positions_bT = jnp.broadcast_to(jnp.arange(T), (b, T))
-    cos_bTH, sin_bTH = rope_tables(positions_bT, cfg.heads_dim, cfg.rope_theta)
-    block = block_class(cfg)(cfg)
+    block = block_class(cfg)(cfg, parent=None)
+    batch_axes, n = _batch_mesh_axes()
+    n = n if n > 1 and b % n == 0 else 1
+    rows = b // n
+    positions_rT = jnp.broadcast_to(jnp.arange(T), (rows, T))
+    cos_rTH, sin_rTH = rope_tables(positions_rT, cfg.heads_dim, cfg.rope_theta)
     stage_axes = ("act_stage", *ACT_BTD)
 
-    def run_stage(stage_params, x_bTD):
+    def run_stage(stage_params, x_rTD):
         def layer(x, p):
-            return block.apply({"params": p}, x, cos_bTH, sin_bTH), None
-        return jax.lax.scan(layer, x_bTD, stage_params)[0]
+            return block.apply({"params": p}, x, cos_rTH, sin_rTH), None
+        return jax.lax.scan(layer, x_rTD, stage_params)[0]
 
-    run_stages = jax.vmap(run_stage, spmd_axis_name="stage")
+    if n > 1:
+        specs = _per_shard_weight_specs(cfg, block, batch_axes)
+        params_S = jax.tree.map(
+            lambda p, spec: jax.lax.with_sharding_constraint(jnp.broadcast_to(p[:, None], (S, n, *p.shape[1:])), spec),
+            params_S, specs)
+        inner_rules = tuple((name, None if name == "batch" else axes) for name, axes in nn.get_logical_axis_rules())
+
+        def run_shard(stage_params, x_rTD):
+            with nn.logical_axis_rules(inner_rules):  # the vmap owns the batch axes here
+                return run_stage(stage_params, x_rTD)
+
+        per_shard = jax.vmap(run_shard, spmd_axis_name=batch_axes)
+
+        def run_one_stage(stage_params, x_bTD):
+            return per_shard(stage_params, x_bTD.reshape(n, rows, T, D)).reshape(b, T, D)
+    else:
+        run_one_stage = run_stage
+    run_stages = jax.vmap(run_one_stage, spmd_axis_name="stage")
     is_first_S = (jnp.arange(S) == 0)[:, None, None, None]
 
     def tick(carry, i):
         state_SbTD, out_MbTD = carry
         feed_bTD = jax.lax.dynamic_index_in_dim(x_MbTD, jnp.minimum(i, M - 1), keepdims=False)
         # stage s takes stage s-1's last output; stage 0 takes the next microbatch.
-        in_SbTD = jnp.where(is_first_S, feed_bTD[None], jnp.roll(state_SbTD, 1, axis=0))
+        # (a shift, not a roll: the last stage's output needs no wrap-around permute)
+        shifted_SbTD = jnp.pad(state_SbTD[:-1], ((1, 0), (0, 0), (0, 0), (0, 0)))
+        in_SbTD = jnp.where(is_first_S, feed_bTD[None], shifted_SbTD)
         in_SbTD = nn.with_logical_constraint(in_SbTD, stage_axes)
         state_SbTD = nn.with_logical_constraint(run_stages(params_S, in_SbTD), stage_axes)
         done = i - (S - 1)  # the microbatch the last stage just finished, if >= 0
@@ -157,6 +186,40 @@ def gpipe(cfg: ModelConfig, layer_params, x_BTD: jax.Array, stages: int, microba
     state_SbTD = nn.with_logical_constraint(jnp.zeros((S, b, T, D), x_BTD.dtype), stage_axes)
     (_, out_MbTD), _ = jax.lax.scan(tick, (state_SbTD, jnp.zeros_like(x_MbTD)), jnp.arange(M + S - 1))
     return jnp.swapaxes(out_MbTD, 0, 1).reshape(B, T, D)
+
+
+def _batch_mesh_axes() -> tuple[tuple[str, ...], int]:
+    """The mesh axes the rules split `batch` over, and how many ways (1 off a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    axes = nn.logical_to_mesh_axes(("batch",))[0]
+    axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return axes, n
+
+
+def _per_shard_weight_specs(cfg: ModelConfig, block: nn.Module, batch_axes: tuple[str, ...]):
+    """PartitionSpecs of the [S, n, L/S, ...] per-shard weight views: stage, then the batch
+    axes, then each weight's own rule with the batch axes removed (they are taken)."""
+    from jax.sharding import PartitionSpec
+
+    h = cfg.heads_dim
+    x, c = jnp.zeros((1, 1, cfg.d_model)), jnp.zeros((1, 1, h))
+    with nn.logical_axis_rules(()):
+        boxed = jax.eval_shape(lambda: block.init(jax.random.key(0), x, c, c))
+    logical = nn.get_partition_spec(boxed)["params"]
+
+    def spec(names):
+        out = []
+        for axes in nn.logical_to_mesh_axes(tuple(names)):
+            kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a and a not in batch_axes)
+            out.append(kept[0] if len(kept) == 1 else (kept or None))
+        return PartitionSpec("stage", batch_axes, None, *out)
+
+    return jax.tree.map(spec, logical, is_leaf=lambda v: isinstance(v, PartitionSpec))
 
 
 def pipeline_bubble(stages: int, microbatches: int) -> float:

@@ -17,6 +17,8 @@ devices of one model replica hold between them).
 - stage (GPipe): every one of the M + S - 1 ticks shifts one microbatch activation
   [b/M, T, D] to the next stage forward and its gradient back (collective permutes),
   and broadcasts the last stage's output (an all-reduce over stage) forward and back.
+  Weight gradients are reduced once per step, as without a pipeline (model.gpipe keeps
+  per-batch-shard gradients through the tick loop).
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ def step_collective_bytes(cfg: ModelConfig, mesh: dict[str, int], zero_stage: in
             out["data"] += _ag(fsdp, w)
     else:
         out["data"] += _ag(fsdp, w)  # reduce-scatter of the gradients
-        out["data"] += _ag(fsdp, w) * (2 if zero_stage == 3 else 1)  # gathers: forward (+ backward) / update
+        # gathers: ZeRO-2 the updated params; ZeRO-3 each layer in the forward and again in the
+        # backward, except under a pipeline, where XLA gathers the stage's layers once per step
+        # (hoisted out of the tick loop)
+        out["data"] += _ag(fsdp, w) * (2 if zero_stage == 3 and stages == 1 else 1)
         out["data"] += _ar(data, w / fsdp)
     # activations across tensor
     b = batch / (data * fsdp)
