@@ -12,10 +12,12 @@
 # `run` starts the same command on every worker (--worker=all); each worker logs to
 # ~/tpustack/logs/<hostname>.log, and jax.distributed finds its peers from the TPU metadata.
 # Multislice (--num-slices N > 1) needs queued resources: N slices of the accelerator type,
-# joined over the data-center network (DCN); put the slice axis in the mesh's data axis.
+# joined over the data-center network (DCN); run with --config.mesh.dcn_data=N so the
+# mesh's data axis spans the slices (its gradient all-reduce is the only DCN traffic) and
+# the in-slice axes (fsdp, tensor, stage) stay on ICI. jax.distributed sees all hosts.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0"; }
+usage() { sed -n '2,17p' "$0"; }
 
 command="${1:-}"
 [ -n "$command" ] || { usage; exit 2; }
