@@ -21,6 +21,7 @@ usage() { sed -n '2,17p' "$0"; }
 
 command="${1:-}"
 [ -n "$command" ] || { usage; exit 2; }
+case "$command" in -h|--help) usage; exit 0 ;; esac
 shift
 
 name="" zone="" accelerator="" runtime="" project="" queued=0 spot=0 slices=1 worker="all" dry_run=0
