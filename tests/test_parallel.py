@@ -54,6 +54,12 @@ PIPELINES = {
     "stage4-fsdp2-m8": dict(mesh__stage=4, mesh__fsdp=2, parallel__microbatches=8),
     "stage2-tensor2-data2-m4": dict(mesh__stage=2, mesh__tensor=2, mesh__data=2, mesh__fsdp=1,
                                     parallel__microbatches=4),
+    # circular: 2 chunks of 1 layer per stage, each microbatch goes round the 2 stages twice
+    "circular-stage2-v2-m4": dict(mesh__stage=2, parallel__microbatches=4, parallel__pipeline_repeats=2),
+    "circular-stage2-v2-m2-fsdp2-data2": dict(mesh__stage=2, mesh__fsdp=2, mesh__data=2, parallel__microbatches=2,
+                                              parallel__pipeline_repeats=2),
+    "circular-stage2-v2-m4-tensor2-fsdp2": dict(mesh__stage=2, mesh__tensor=2, mesh__fsdp=2,
+                                                parallel__microbatches=4, parallel__pipeline_repeats=2),
 }
 
 
@@ -80,6 +86,14 @@ def test_pipeline_splits_layers_over_stage_and_shifts_with_collective_permutes()
     assert pipeline_bubble(4, 8) == pytest.approx(3 / 11) and pipeline_bubble(1, 4) == 0
 
 
+def test_circular_pipeline_runs_v_m_plus_s_minus_1_ticks():
+    _, trainer = build(mesh__stage=2, mesh__fsdp=4, parallel__microbatches=4, parallel__pipeline_repeats=2)
+    colls = collectives(trainer.lower_train_step(BATCH, SEQ).compile().as_text())
+    ticks = 2 * 4 + 2 - 1
+    assert {c.runs for c in colls if c.kind == "collective-permute" and c.runs > 1} == {ticks}
+    assert pipeline_bubble(2, 4, 2) == pytest.approx(1 / 9) and pipeline_bubble(2, 4) == pytest.approx(1 / 5)
+
+
 def test_pipeline_train_steps_match():
     losses = {}
     for name, kw in {"flat": dict(mesh__fsdp=8), "pipe": dict(mesh__stage=2, mesh__fsdp=4)}.items():
@@ -99,6 +113,11 @@ def test_pipeline_config_errors():
         tiny_config(mesh__stage=3, model__scan_layers=True)
     with pytest.raises(UserError, match="parallel.microbatches"):
         tiny_config(mesh__stage=2, model__scan_layers=True, parallel__microbatches=3)
+    with pytest.raises(UserError, match="parallel.pipeline_repeats"):
+        tiny_config(mesh__stage=2, model__scan_layers=True, model__num_layers=4, parallel__pipeline_repeats=4)
+    with pytest.raises(UserError, match="multiple of the 2 stages"):
+        tiny_config(mesh__stage=2, model__scan_layers=True, model__num_layers=4, parallel__pipeline_repeats=2,
+                    parallel__microbatches=1)
 
 
 # ---------------------------------------------------------------------------- ZeRO

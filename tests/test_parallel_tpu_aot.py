@@ -19,8 +19,9 @@ LAYOUTS = {
     "v6e:2x2 data=2 x fsdp=2, ZeRO-1": ("v6e:2x2", dict(mesh__data=2, mesh__fsdp=2, parallel__zero_stage=1)),
     "v5p:2x2x2 stage=2 x fsdp=2 x tensor=2": ("v5p:2x2x2", dict(mesh__stage=2, mesh__fsdp=2, mesh__tensor=2,
                                                                  model__scan_layers=True, model__num_layers=4)),
-    "v5e:2x4 stage=4 x data=2": ("v5e:2x4", dict(mesh__stage=4, mesh__data=2, mesh__fsdp=1, model__scan_layers=True,
-                                                 model__num_layers=4, parallel__microbatches=8)),
+    "v5e:2x4 stage=4 x data=2, circular": ("v5e:2x4", dict(mesh__stage=4, mesh__data=2, mesh__fsdp=1,
+                                                           model__scan_layers=True, model__num_layers=8,
+                                                           parallel__microbatches=8, parallel__pipeline_repeats=2)),
 }
 
 
@@ -40,5 +41,5 @@ def test_train_step_compiles_for_tpu(name):
     sizes = {k[len("mesh__"):]: v for k, v in overrides.items() if k.startswith("mesh__")}
     assert all(report["mesh"][axis] == size for axis, size in sizes.items())
     if report["mesh"]["stage"] > 1:
-        s, m = report["mesh"]["stage"], config.parallel.microbatches
-        assert report["pipeline_bubble"] == pytest.approx((s - 1) / (m + s - 1))
+        s, m, v = report["mesh"]["stage"], config.parallel.microbatches, config.parallel.pipeline_repeats
+        assert report["pipeline_bubble"] == pytest.approx((s - 1) / (v * m + s - 1))

@@ -80,7 +80,8 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     zero_stage: int = 3  # over the fsdp axis: 0 replicate all, 1 + shard Adam, 2 + grads, 3 + params
-    microbatches: int = 4  # pipeline (mesh.stage > 1): GPipe microbatches per step
+    microbatches: int = 4  # pipeline (mesh.stage > 1): microbatches per step
+    pipeline_repeats: int = 1  # 1: GPipe; V > 1: circular, V layer chunks per stage, bubble / V
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +308,12 @@ def validate(config: Config) -> None:
              "set --config.model.scan_layers=True")
         need(m.num_layers % stages == 0, "mesh.stage",
              f"{stages} stages must divide model.num_layers={m.num_layers}")
+        need(p.pipeline_repeats >= 1 and m.num_layers % (stages * p.pipeline_repeats) == 0,
+             "parallel.pipeline_repeats", f"{p.pipeline_repeats} repeats x {stages} stages must divide "
+             f"model.num_layers={m.num_layers}")
+        need(p.pipeline_repeats == 1 or p.microbatches % stages == 0, "parallel.microbatches",
+             f"a circular pipeline (pipeline_repeats > 1) needs microbatches ({p.microbatches}) to be a "
+             f"multiple of the {stages} stages")
         need(t.batch_size % (t.grad_accum * p.microbatches) == 0, "parallel.microbatches",
              f"{p.microbatches} microbatches x train.grad_accum={t.grad_accum} must divide "
              f"train.batch_size={t.batch_size}")

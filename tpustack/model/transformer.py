@@ -63,6 +63,7 @@ class Decoder(nn.Module):
     cfg: ModelConfig
     stages: int = 1  # pipeline stages over the mesh's `stage` axis (training; needs scan_layers)
     microbatches: int = 1  # GPipe microbatches per call when stages > 1
+    repeats: int = 1  # circular pipeline: each stage holds this many layer chunks (1: GPipe)
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, cache=None,
@@ -91,7 +92,7 @@ class Decoder(nn.Module):
                              metadata_params={nn.PARTITION_NAME: "layers"})
             if pipelined:
                 layer_params = self.variables["params"]["layers"]["block"]
-                x_BTD = gpipe(cfg, layer_params, x_BTD, self.stages, self.microbatches)
+                x_BTD = gpipe(cfg, layer_params, x_BTD, self.stages, self.microbatches, self.repeats)
             else:
                 x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH)
         else:
@@ -107,34 +108,47 @@ class Decoder(nn.Module):
         return logits_BTV if cache is None else (logits_BTV, cache)
 
 
-def gpipe(cfg: ModelConfig, layer_params, x_BTD: jax.Array, stages: int, microbatches: int) -> jax.Array:
-    """Run the stacked layers as a GPipe pipeline: S stages over the mesh's `stage` axis, M microbatches.
+def gpipe(cfg: ModelConfig, layer_params, x_BTD: jax.Array, stages: int, microbatches: int,
+          repeats: int = 1) -> jax.Array:
+    """Run the stacked layers as a pipeline over the mesh's `stage` axis: S stages, M microbatches.
 
-    The [L, ...] layer weights are viewed as [S, L/S, ...]; the rules shard that leading
-    axis over `stage`, so device group s holds layers [s L/S, (s+1) L/S). Each of the
-    M + S - 1 ticks runs every stage once (a vmap over the stage axis that the SPMD
-    partitioner splits across the stage groups), then shifts each stage's output to the
-    next stage (a collective permute). Stage s works on microbatch (tick - s); the other
-    ticks are the bubble, (S-1)/(M+S-1) of the time, computing on data that is thrown away.
-    The backward pass is autodiff's reverse of the same loop. Microbatch m takes rows
-    m, M + m, ... of the batch, so each device keeps its own rows.
+    GPipe (repeats V = 1): the [L, ...] layer weights are viewed as [S, L/S, ...]; the rules
+    shard that leading axis over `stage`, so device group s holds layers [s L/S, (s+1) L/S).
+    Each of the M + S - 1 ticks runs every stage once (a vmap over the stage axis that the
+    SPMD partitioner splits across the stage groups), then shifts each stage's output to
+    the next stage (a collective permute). Stage s works on microbatch (tick - s); the
+    other ticks are the bubble, (S-1)/(M+S-1) of the time, computing on data that is
+    thrown away. The backward pass is autodiff's reverse of the same loop.
 
+    Circular (V > 1, M a multiple of S): the layers are cut into S V chunks; stage s holds
+    chunks s, S + s, ..., so a microbatch goes round the ring of stages V times, re-entering
+    stage 0 straight from stage S-1. Ticks: V M + S - 1; bubble (S-1)/(V M + S - 1). The
+    chunks are regrouped from the stored [L, ...] order once per step (an all-to-all over
+    `stage` of the weights, and back for their gradients): the checkpoint layout does not
+    depend on the schedule.
+
+    Microbatch m takes rows m, M + m, ... of the batch, so each device keeps its own rows.
     Gradients are reduced across the batch shards once per step, not once per tick: each
     of the n batch shards (data x fsdp) runs on its own view of the stage's weights, a
-    broadcast [S, n, L/S, ...] split over the batch axes (a second vmap). Its per-shard
+    broadcast [S, n, ...] split over the batch axes (a second vmap). Its per-shard
     gradients accumulate locally through the tick loop, and the broadcast's transpose (a
     sum over n) is the one all-reduce / reduce-scatter after it. Without this XLA reduced
     every tick's weight gradients inside the loop, M + S - 1 times the traffic.
     """
-    S, M = stages, microbatches
+    S, M, V = stages, microbatches, repeats
     B, T, D = x_BTD.shape
     if B % M:
         raise ValueError(f"batch {B} is not divisible by {M} pipeline microbatches")
+    if V > 1 and M % S:
+        raise ValueError(f"a circular pipeline needs microbatches ({M}) to be a multiple of stages ({S})")
     b = B // M
     x_MbTD = jnp.swapaxes(x_BTD.reshape(b, M, T, D), 0, 1)
     x_MbTD = nn.with_logical_constraint(x_MbTD, (None, *ACT_BTD))
-    # [L, ...] sharded (stage, ...) -> [S, L/S, ...]: the split keeps every shard in place.
-    params_S = jax.tree.map(lambda p: p.reshape(S, p.shape[0] // S, *p.shape[1:]), layer_params)
+    # [L, ...] -> [S, V, L/(S V), ...] with layer (v S + s) L/(S V) + j at [s, v, j]. For V = 1
+    # this is a plain split that keeps every [L] shard in place.
+    def chunked(p):
+        return jnp.swapaxes(p.reshape(V, S, p.shape[0] // (S * V), *p.shape[1:]), 0, 1)
+    params_S = jax.tree.map(chunked, layer_params)
     block = block_class(cfg)(cfg, parent=None)
     batch_axes, n = _batch_mesh_axes()
     n = n if n > 1 and b % n == 0 else 1
@@ -143,48 +157,65 @@ def gpipe(cfg: ModelConfig, layer_params, x_BTD: jax.Array, stages: int, microba
     cos_rTH, sin_rTH = rope_tables(positions_rT, cfg.heads_dim, cfg.rope_theta)
     stage_axes = ("act_stage", *ACT_BTD)
 
-    def run_stage(stage_params, x_rTD):
+    def run_stage(stage_params, x_rTD, repeat):
+        chunk = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, repeat, keepdims=False), stage_params)
+
         def layer(x, p):
             return block.apply({"params": p}, x, cos_rTH, sin_rTH), None
-        return jax.lax.scan(layer, x_rTD, stage_params)[0]
+        return jax.lax.scan(layer, x_rTD, chunk)[0]
 
-    if n > 1:
-        specs = _per_shard_weight_specs(cfg, block, batch_axes)
+    if n > 1 or V > 1:  # weights constrained per chunk, and per batch shard when there are several
+        shard_axes = batch_axes if n > 1 else None
+        specs = _per_shard_weight_specs(cfg, block, batch_axes, shard_axes)
         params_S = jax.tree.map(
             lambda p, spec: jax.lax.with_sharding_constraint(jnp.broadcast_to(p[:, None], (S, n, *p.shape[1:])), spec),
             params_S, specs)
-        inner_rules = tuple((name, None if name == "batch" else axes) for name, axes in nn.get_logical_axis_rules())
+        inner_rules = tuple((name, None if name == "batch" and n > 1 else axes)
+                            for name, axes in nn.get_logical_axis_rules())
 
-        def run_shard(stage_params, x_rTD):
+        def run_shard(stage_params, x_rTD, repeat):
             with nn.logical_axis_rules(inner_rules):  # the vmap owns the batch axes here
-                return run_stage(stage_params, x_rTD)
+                return run_stage(stage_params, x_rTD, repeat)
 
-        per_shard = jax.vmap(run_shard, spmd_axis_name=batch_axes)
+        per_shard = jax.vmap(run_shard, in_axes=(0, 0, None), spmd_axis_name=shard_axes)
 
-        def run_one_stage(stage_params, x_bTD):
-            return per_shard(stage_params, x_bTD.reshape(n, rows, T, D)).reshape(b, T, D)
+        def run_one_stage(stage_params, x_bTD, repeat):
+            return per_shard(stage_params, x_bTD.reshape(n, rows, T, D), repeat).reshape(b, T, D)
     else:
         run_one_stage = run_stage
     run_stages = jax.vmap(run_one_stage, spmd_axis_name="stage")
-    is_first_S = (jnp.arange(S) == 0)[:, None, None, None]
+    stage_S = jnp.arange(S)
+
+    def schedule(k):
+        """Item k of a stage's work -> (microbatch, repeat): groups of S microbatches go round V times."""
+        group, within = k // (S * V), k % (S * V)
+        return group * S + within % S, within // S
 
     def tick(carry, i):
         state_SbTD, out_MbTD = carry
-        feed_bTD = jax.lax.dynamic_index_in_dim(x_MbTD, jnp.minimum(i, M - 1), keepdims=False)
-        # stage s takes stage s-1's last output; stage 0 takes the next microbatch.
-        # (a shift, not a roll: the last stage's output needs no wrap-around permute)
-        shifted_SbTD = jnp.pad(state_SbTD[:-1], ((1, 0), (0, 0), (0, 0), (0, 0)))
-        in_SbTD = jnp.where(is_first_S, feed_bTD[None], shifted_SbTD)
+        m0, r0 = schedule(i)
+        feed_bTD = jax.lax.dynamic_index_in_dim(x_MbTD, jnp.minimum(m0, M - 1), keepdims=False)
+        # stage s takes stage s-1's last output; stage 0 a new microbatch (repeat 0) or, in a
+        # circular pipeline, stage S-1's output for its next round.
+        if V > 1:
+            passed_SbTD = jnp.roll(state_SbTD, 1, axis=0)
+        else:  # a shift, not a roll: the last stage's output needs no wrap-around permute
+            passed_SbTD = jnp.pad(state_SbTD[:-1], ((1, 0), (0, 0), (0, 0), (0, 0)))
+        take_new = (stage_S == 0) & (r0 == 0)
+        in_SbTD = jnp.where(take_new[:, None, None, None], feed_bTD[None], passed_SbTD)
         in_SbTD = nn.with_logical_constraint(in_SbTD, stage_axes)
-        state_SbTD = nn.with_logical_constraint(run_stages(params_S, in_SbTD), stage_axes)
-        done = i - (S - 1)  # the microbatch the last stage just finished, if >= 0
-        slot = jnp.maximum(done, 0)
+        _, repeat_S = schedule(jnp.clip(i - stage_S, 0, V * M - 1))
+        state_SbTD = nn.with_logical_constraint(run_stages(params_S, in_SbTD, repeat_S), stage_axes)
+        k_last = i - (S - 1)  # the item the last stage just finished, if >= 0
+        m_last, r_last = schedule(jnp.maximum(k_last, 0))
+        slot = jnp.clip(m_last, 0, M - 1)
         old_bTD = jax.lax.dynamic_index_in_dim(out_MbTD, slot, keepdims=False)
-        new_bTD = jnp.where(done >= 0, state_SbTD[S - 1], old_bTD)  # select one slot, update in place
+        finished = (k_last >= 0) & (r_last == V - 1)
+        new_bTD = jnp.where(finished, state_SbTD[S - 1], old_bTD)  # select one slot, update in place
         return (state_SbTD, jax.lax.dynamic_update_index_in_dim(out_MbTD, new_bTD, slot, 0)), None
 
     state_SbTD = nn.with_logical_constraint(jnp.zeros((S, b, T, D), x_BTD.dtype), stage_axes)
-    (_, out_MbTD), _ = jax.lax.scan(tick, (state_SbTD, jnp.zeros_like(x_MbTD)), jnp.arange(M + S - 1))
+    (_, out_MbTD), _ = jax.lax.scan(tick, (state_SbTD, jnp.zeros_like(x_MbTD)), jnp.arange(V * M + S - 1))
     return jnp.swapaxes(out_MbTD, 0, 1).reshape(B, T, D)
 
 
@@ -201,9 +232,11 @@ def _batch_mesh_axes() -> tuple[tuple[str, ...], int]:
     return axes, n
 
 
-def _per_shard_weight_specs(cfg: ModelConfig, block: nn.Module, batch_axes: tuple[str, ...]):
-    """PartitionSpecs of the [S, n, L/S, ...] per-shard weight views: stage, then the batch
-    axes, then each weight's own rule with the batch axes removed (they are taken)."""
+def _per_shard_weight_specs(cfg: ModelConfig, block: nn.Module, batch_axes: tuple[str, ...],
+                            shard_axes: tuple[str, ...] | None):
+    """PartitionSpecs of the [S, n, V, L/(S V), ...] per-shard weight views: stage, the batch
+    axes (`shard_axes`, None when n = 1), then each weight's own rule; the batch axes are
+    removed from it when they split n (or the batch is replicated for an indivisible n)."""
     from jax.sharding import PartitionSpec
 
     h = cfg.heads_dim
@@ -211,20 +244,21 @@ def _per_shard_weight_specs(cfg: ModelConfig, block: nn.Module, batch_axes: tupl
     with nn.logical_axis_rules(()):
         boxed = jax.eval_shape(lambda: block.init(jax.random.key(0), x, c, c))
     logical = nn.get_partition_spec(boxed)["params"]
+    taken = batch_axes if shard_axes else ()
 
     def spec(names):
         out = []
         for axes in nn.logical_to_mesh_axes(tuple(names)):
-            kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a and a not in batch_axes)
+            kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a and a not in taken)
             out.append(kept[0] if len(kept) == 1 else (kept or None))
-        return PartitionSpec("stage", batch_axes, None, *out)
+        return PartitionSpec("stage", shard_axes, None, None, *out)
 
     return jax.tree.map(spec, logical, is_leaf=lambda v: isinstance(v, PartitionSpec))
 
 
-def pipeline_bubble(stages: int, microbatches: int) -> float:
-    """GPipe's idle fraction: (S - 1) / (M + S - 1)."""
-    return (stages - 1) / (microbatches + stages - 1)
+def pipeline_bubble(stages: int, microbatches: int, repeats: int = 1) -> float:
+    """The idle fraction of a pipeline step: (S - 1) / (V M + S - 1); V = 1 is GPipe."""
+    return (stages - 1) / (repeats * microbatches + stages - 1)
 
 
 def unstack_layers(params: dict, cfg: ModelConfig) -> dict:

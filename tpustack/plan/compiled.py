@@ -123,7 +123,8 @@ def compile_check(config, topology: str) -> dict[str, Any]:
     generation = topology.split(":")[0]
     hbm = chip(generation).hbm_bytes if generation in ("v4", "v5e", "v5p", "v6e") else 0.0
     report = {"config": config.name, "topology": topology, "chips": len(devices), "mesh": mesh, "zero_stage": stage,
-              "pipeline_bubble": pipeline_bubble(mesh["stage"], config.parallel.microbatches),
+              "pipeline_bubble": pipeline_bubble(mesh["stage"], config.parallel.microbatches,
+                                                 config.parallel.pipeline_repeats),
               "estimate_state_bytes": est.state + est.batch,
               "estimate_temp_bytes": est.grads + est.compute_copy + est.activations,
               "estimate_total_bytes": est.total, "hbm_bytes": hbm}

@@ -122,9 +122,10 @@ def train(config: Config, workdir: str, stop_at_step: int | None = None, quiet: 
     say(f"{config.name}: {config.model.num_params() / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
         f"ZeRO-{config.parallel.zero_stage}, steps {start}->{last}, workdir {workdir}")
     if mesh.shape["stage"] > 1:
-        m = config.parallel.microbatches
-        say(f"pipeline: {mesh.shape['stage']} stages x {m} microbatches (GPipe), bubble "
-            f"{pipeline_bubble(mesh.shape['stage'], m):.1%} of each step")
+        m, v = config.parallel.microbatches, config.parallel.pipeline_repeats
+        kind = "GPipe" if v == 1 else f"circular, {v} chunks per stage"
+        say(f"pipeline: {mesh.shape['stage']} stages x {m} microbatches ({kind}), bubble "
+            f"{pipeline_bubble(mesh.shape['stage'], m, v):.1%} of each step")
 
     losses: dict[int, float] = {}
     eval_loss = None

@@ -68,7 +68,8 @@ def make_trainer(config: Config, mesh: Mesh, teacher: tuple[ModelConfig, Any] | 
     """
     rules = rules_for(config.mesh.rules)
     model_cfg = apply_precision(config.model, config.train)
-    model = Decoder(model_cfg, stages=mesh.shape.get("stage", 1), microbatches=config.parallel.microbatches)
+    model = Decoder(model_cfg, stages=mesh.shape.get("stage", 1), microbatches=config.parallel.microbatches,
+                    repeats=config.parallel.pipeline_repeats)
     tx = make_optimizer(config.train)
     schedule = learning_rate_schedule(config.train)
     t = config.train
