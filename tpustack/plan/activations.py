@@ -13,50 +13,91 @@ from __future__ import annotations
 import dataclasses
 
 from tpustack.config import ModelConfig
+from tpustack.plan.memory import buffer_bytes
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def layer_residual_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1) -> float:
-    """Activation bytes one block saves for its backward pass when nothing is rematerialised.
+def matmul_operand_bytes(dtype: str, backend: str) -> int:
+    """Bytes per element of a matmul operand as XLA keeps it.
 
-    Each term is a tensor of Attention / MLP / RMSNorm that the stacked residuals of the
-    layer scan hold (one [L, ...] buffer each), per token:
+    CPU multiplies in the compute dtype. TPU multiplies f32 at DEFAULT precision in bf16:
+    XLA converts each f32 operand to bf16 and that bf16 copy is the value autodiff saves
+    (read off the TPU buffer assignment: bf16[L, b*T, D], bf16[L, b, K, G*T, H], ... under
+    an f32 model)."""
+    return min(_BYTES[dtype], 2) if backend == "tpu" else activation_elem_bytes(dtype, backend)
+
+
+def activation_elem_bytes(dtype: str, backend: str) -> int:
+    """Bytes per element of an activation in the compute dtype as XLA keeps it.
+
+    XLA CPU has no bf16/fp16 arithmetic: it upcasts those elementwise ops and dots to f32,
+    and the f32 results are what autodiff keeps (read off the CPU buffer assignment of
+    llama_1b under bf16: f32[L, b, T, F], f32[L, b, K, G*T, S], ...). TPU computes in bf16."""
+    return 4 if backend == "cpu" else _BYTES[dtype]
+
+
+def layer_residuals(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1,
+                    backend: str = "cpu") -> list[tuple[str, tuple[int, ...], int]]:
+    """The buffers one block saves for its backward pass when nothing is rematerialised:
+    (what, per-device shape, bytes per element), each one [L, ...] stack of the layer scan.
+
+    Read off XLA's buffer assignment (tiny on CPU and TPU, llama_1b on TPU), the same set on
+    both; c is the compute dtype, m the matmul operand's (c on CPU, bf16 on TPU):
     """
-    c = _BYTES[dtype]
-    d, f = cfg.d_model, cfg.ffn_dim / tensor
-    nh, kh = cfg.num_heads * cfg.heads_dim / tensor, cfg.num_kv_heads * cfg.heads_dim / tensor
-    n = cfg.num_heads / tensor
-    # Each RMSNorm keeps its input x, the normalised x * rsqrt (for the scale's gradient)
-    # and its output flattened to [B*T, D] (the input of the q/k/v or gate/up matmuls):
-    # 3 [B, T, D] per norm, two norms per block.
-    model_dim = 6 * d
-    # q after RoPE and the 1/sqrt(H) scale, transposed to [B, K, G*T, H] (input of the
-    # score einsum), the attention output [B*T, N*H] (input of the o projection), and k, v
-    # transposed to [B, K, S, H] (inputs of the score and PV einsums).
-    heads = 2 * nh + 2 * kh
-    # gate, up, sigmoid(gate) and the logistic's (1 - sigmoid) for its derivative,
-    # silu(gate), and silu(gate) * up flattened to [B*T, F] (input of the down projection).
-    mlp = 6 * f
-    # softmax output [B, K, G, T, S] in f32 (the softmax gradient) and its [B, K, G*T, S]
-    # copy in the compute dtype that the PV einsum reads (a layout copy even under f32).
-    probs = n * t * (4 + c)
-    # f32 statistics: two rsqrt(mean(x^2)) [B, T, 1] per norm (forward and its derivative)
-    # and the softmax's row max and row sum [B, N, T, 1].
-    stats = 2 * 2 * 4 + 2 * n * 4
-    return b * t * ((model_dim + heads + mlp) * c + probs + stats)
+    c, m = activation_elem_bytes(dtype, backend), matmul_operand_bytes(dtype, backend)
+    d, f, h = cfg.d_model, -(-cfg.ffn_dim // tensor), cfg.heads_dim
+    k = -(-cfg.num_kv_heads // tensor)
+    g = cfg.num_heads // cfg.num_kv_heads
+    return [
+        # each RMSNorm's input (the block input x and h = x + attention) in c, its
+        # normalised x * rsqrt in f32 (the scale's gradient), and its output flattened to
+        # [B*T, D] as the q/k/v or gate/up matmuls read it (m).
+        *[("norm input", (b, t, d), c)] * 2, *[("normalised", (b, t, d), 4)] * 2,
+        *[("norm output", (b * t, d), m)] * 2,
+        # q after RoPE and the 1/sqrt(H) scale as [B, K, G*T, H] (the score einsum's input),
+        # k and v as [B, K, S, H], the attention output [B*T, N*H] (the o projection's input)
+        ("q", (b, k, g * t, h), m), ("k", (b, k, t, h), m), ("v", (b, k, t, h), m),
+        ("attention out", (b * t, k * g * h), m),
+        # softmax output [B, K, G, T, S] in f32 (the softmax gradient) and its
+        # [B, K, G*T, S] copy that the PV einsum reads (m; a layout copy even under f32 CPU)
+        ("probs", (b, k, g, t, t), 4), ("probs (PV operand)", (b, k, g * t, t), m),
+        # gate, up, sigmoid(gate), 1 - sigmoid (the logistic's derivative), silu(gate),
+        # and silu(gate) * up flattened to [B*T, F] (the down projection's input, m)
+        *[("mlp", (b, t, f), c)] * 5, ("mlp out", (b * t, f), m),
+        # f32 statistics: two rsqrt(mean(x^2)) [B, T, 1] per norm (forward and its
+        # derivative) and the softmax's row max and row sum [B, K, G, T, 1]
+        *[("norm stats", (b, t, 1), 4)] * 4, *[("softmax stats", (b, k, g, t, 1), 4)] * 2,
+    ]
 
 
-def head_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1) -> float:
+def _sum(buffers, backend: str) -> float:
+    return sum(buffer_bytes(shape, n, backend) for _, shape, n in buffers)
+
+
+def layer_residual_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1,
+                         backend: str = "cpu") -> float:
+    """Activation bytes one block saves for its backward pass when nothing is rematerialised."""
+    return _sum(layer_residuals(cfg, dtype, b, t, tensor, backend), backend)
+
+
+def head_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1, backend: str = "cpu") -> float:
     """The LM head and loss: logits in the compute dtype and f32, and their f32 gradient."""
-    c = _BYTES[dtype]
-    v = cfg.vocab_size / tensor
-    return b * t * v * (c + 4 + 4)
+    v = -(-cfg.vocab_size // tensor)
+    return sum(buffer_bytes((b * t, v), n, backend) for n in (activation_elem_bytes(dtype, backend), 4, 4))
 
 
-def mlp_cotangent_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1) -> float:
+def mlp_cotangent_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1,
+                        backend: str = "cpu") -> float:
     """The MLP backward's three [B, T, F] cotangents (of h, gate and up), live together."""
-    return 3 * b * t * cfg.ffn_dim / tensor * _BYTES[dtype]
+    return 3 * buffer_bytes((b, t, -(-cfg.ffn_dim // tensor)), activation_elem_bytes(dtype, backend), backend)
+
+
+def probs_cotangent_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1,
+                          backend: str = "cpu") -> float:
+    """The attention backward's dP = dO V^T, [B, K, G*T, S] as the PV einsum's operand."""
+    k, g = -(-cfg.num_kv_heads // tensor), cfg.num_heads // cfg.num_kv_heads
+    return buffer_bytes((b, k, g * t, t), matmul_operand_bytes(dtype, backend), backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +115,7 @@ class Activations:
 
 def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor: int = 1,
                 layer_weight_bytes: float = 0.0, saved_weight_bytes: float = 0.0,
-                stages: int = 1, microbatches: int = 1) -> Activations:
+                stages: int = 1, microbatches: int = 1, backend: str = "cpu") -> Activations:
     """Peak activation bytes per device for remat 'none' or any policy that saves nothing.
 
     layer_weight_bytes: one layer's weights in the compute dtype as the layer's matmuls read
@@ -87,7 +128,7 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
     rows, and autodiff keeps every tick's residuals. The embedding, final norm, LM head and
     loss run on the whole local batch.
     """
-    c = _BYTES[dtype]
+    c = activation_elem_bytes(dtype, backend)
     layers = cfg.num_layers
     mb = b
     pipeline = 0.0
@@ -97,8 +138,9 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         steps = (microbatches + stages - 1) * (layers // stages)
         # x reshaped to [M, b, T, D] (the tick loop's feed) and out [M, b, T, D] (its
         # result), whose cotangents are live through the backward tick loop.
-        pipeline = 2 * b * t * cfg.d_model * c
-    per_layer = layer_residual_bytes(cfg, dtype, mb, t, tensor)
+        pipeline = 2 * buffer_bytes((b, t, cfg.d_model), c, backend)
+    residuals = layer_residuals(cfg, dtype, mb, t, tensor, backend)
+    per_layer = _sum(residuals, backend)
     if remat == "none":
         # Weight residuals are stacked once per layer: under GPipe the stage's weights are
         # the same in every tick, so the tick loop keeps them as loop constants.
@@ -106,14 +148,23 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         # The layer being differentiated copies its residuals (all but the [B, T, F] ones,
         # read in place) out of the stacked buffers, makes the MLP's three [B, T, F]
         # cotangents, and reads its weights.
-        f_part = 6 * mb * t * cfg.ffn_dim / tensor * c
-        layer_ws = per_layer - f_part + mlp_cotangent_bytes(cfg, dtype, mb, t, tensor) + layer_weight_bytes
+        f_part = _sum([r for r in residuals if r[0].startswith("mlp")], backend)
+        layer_ws = per_layer - f_part + mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend) + layer_weight_bytes
+        if backend == "tpu":
+            layer_ws += probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
     else:  # nothing_saveable and friends: only each layer's input [B, T, D] survives
-        saved = steps * mb * t * cfg.d_model * c
-        # The layer being differentiated first recomputes its forward: its residuals plus
-        # the MLP cotangents and its weights are live, as without remat.
+        saved = steps * buffer_bytes((mb, t, cfg.d_model), c, backend)
+        # The layer being differentiated first recomputes its forward: its residuals and
+        # its weights are live. On TPU its backward's peak also holds the MLP's three
+        # [B, T, F] cotangents and the probabilities' cotangent dP = dO V^T beside the
+        # recomputed residuals: llama2_7b on v5p:4x4x4 (b=4) at T=2048 and 4096 is short of
+        # XLA by a*T^2 + b*T with a = one bf16 [b, N, T, S] and b ~ three bf16 [b, T, F].
+        # XLA CPU's peak comes before they exist (tiny's CPU rows hold without them).
         layer_ws = per_layer + layer_weight_bytes
-    workspace = max(layer_ws, head_bytes(cfg, dtype, b, t, tensor))
+        if backend == "tpu":
+            layer_ws += (mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
+                         + probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend))
+    workspace = max(layer_ws, head_bytes(cfg, dtype, b, t, tensor, backend))
     return Activations(saved, workspace, pipeline)
 
 

@@ -16,6 +16,7 @@ K kv heads, H head dim, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -112,13 +113,43 @@ def shard_shape(shape: Sequence[int], axes: Sequence[str], mesh: dict[str, int],
     return tuple(out)
 
 
+def buffer_bytes(shape: Sequence[int], bytes_per_elem: float, backend: str = "cpu") -> float:
+    """Bytes XLA allocates for one array of `shape` on `backend`.
+
+    CPU: dense. TPU: every array is laid out in tiles over its two minor-most dimensions,
+    (8, 128) 32-bit words: the minor dim pads to a multiple of 128, the second-minor to a
+    multiple of 8 rows (16 for 2-byte types, two packed per word; a dim under that takes
+    the smallest power-of-two tile that holds it, T(1|2|4, 128)). XLA TPU's layout
+    assignment picks which two dims are minor; read off the compiled HLO it picks the pair
+    that pads least (e.g. f32[384,24]{0,1:T(8,128)}, f32[3,24,6,32]{3,1,2,0:T(8,128)}),
+    so that is what is counted. A 1-D array pads to a multiple of 128 (scalars are noise).
+    """
+    shape = [int(s) for s in shape]
+    if backend != "tpu" or not shape:
+        return math.prod(shape) * bytes_per_elem
+    if len(shape) == 1:
+        return -(-shape[0] // 128) * 128 * bytes_per_elem
+    rows = max(1, int(8 * 4 // bytes_per_elem)) if bytes_per_elem >= 1 else 32
+
+    def padded(i: int, j: int) -> int:
+        minor = -(-shape[i] // 128) * 128
+        s = shape[j]
+        second = (1 << (s - 1).bit_length()) if s < rows else -(-s // rows) * rows
+        return minor * second * math.prod(shape[k] for k in range(len(shape)) if k not in (i, j))
+
+    return min(padded(i, j) for i, j in itertools.permutations(range(len(shape)), 2)) * bytes_per_elem
+
+
 def tree_bytes(table: list[Param], bytes_per_elem: float, mesh: dict[str, int] | None = None,
-               zero_sharded: bool = True, rules: dict[str, Any] | None = None) -> float:
-    """Per-device bytes of a parameter-shaped tree; zero_sharded=False replicates it over fsdp."""
+               zero_sharded: bool = True, rules: dict[str, Any] | None = None, backend: str = "cpu") -> float:
+    """Per-device bytes of a parameter-shaped tree; zero_sharded=False replicates it over fsdp.
+
+    backend "tpu" counts each array with its (8, 128) tile padding (see buffer_bytes)."""
     mesh = mesh or {}
     rules = default_rules() if rules is None and mesh else (rules or {})
     axes = ("data", "stage", "fsdp", "tensor") if zero_sharded else ("data", "stage", "tensor")
-    return sum(math.prod(shard_shape(p.shape, p.axes, mesh, rules, axes)) * bytes_per_elem for p in table)
+    return sum(buffer_bytes(shard_shape(p.shape, p.axes, mesh, rules, axes), bytes_per_elem, backend)
+               for p in table)
 
 
 # ---------------------------------------------------------------------------- inference
@@ -179,8 +210,10 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
                  microbatches: int = 4) -> TrainMemory:
     """Our layout's per-device training bytes for ZeRO `stage` (0..3) sharding over mesh['fsdp'].
 
-    backend "tpu": the cast to the compute dtype fuses into each matmul, so a compute copy
-    exists only where ZeRO-3 gathers weights; "cpu": XLA CPU materialises the cast copy.
+    backend "tpu": the cast to the compute dtype fuses into each matmul, except that the
+    layer scan's stacked weights are cast once, hoisted out of the loop (below ZeRO-3), and
+    ZeRO-3 gathers cast layers; every array is counted with its (8, 128) tile padding.
+    "cpu": XLA CPU materialises the cast copy and keeps bf16 activations in f32.
     microbatches: GPipe microbatches (parallel.microbatches), used when mesh['stage'] > 1.
 
     `activations` is everything at the step's peak beyond the gradients and the compute
@@ -193,35 +226,50 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     master_b = DTYPE_BYTES[cfg.param_dtype]
     compute = COMPUTE_DTYPE[precision]
     c = DTYPE_BYTES[compute]
-    master = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 3)
-    grads = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 2)
-    adam = 2 * tree_bytes(table, 4, mesh, zero_sharded=stage >= 1)
+    master = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 3, backend=backend)
+    grads = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 2, backend=backend)
+    adam = 2 * tree_bytes(table, 4, mesh, zero_sharded=stage >= 1, backend=backend)
     copy = 0.0
     if c < master_b:
         if stage >= 3:  # gathered just in time: one layer ahead plus the embedding and head
-            copy = _gathered_copy_bytes(cfg, mesh, c)
+            copy = _gathered_copy_bytes(cfg, mesh, c, backend)
         elif backend == "cpu":
-            copy = tree_bytes(table, c, mesh, zero_sharded=False)
+            copy = tree_bytes(table, c, mesh, zero_sharded=False, backend=backend)
+    if backend == "tpu" and cfg.scan_layers and stage < 3 and (c < master_b or c > 2):
+        # XLA TPU does fuse a weight's cast into the matmul that reads it, except in the
+        # layer scan: it hoists the cast of the loop-invariant [L, ...] weights out of the
+        # loop, one bf16 copy of the stacked weights that the forward and backward loops
+        # slice. An f32 model's DEFAULT-precision matmuls read bf16 weights too (read off
+        # the TPU HLO: bf16[L, ...] loop inputs). Under ZeRO-3 the cast stays per layer,
+        # before the all-gather (the gathered copy above).
+        stacked = [p for p in table if p.axes and p.axes[0] == "layers"]
+        copy += tree_bytes(stacked, min(c, 2), mesh, zero_sharded=False, backend=backend)
 
     one = dataclasses.replace(cfg, num_layers=1, scan_layers=False)
     layer = [p for p in param_table(one) if p.name.startswith("layer_0/")]
     # One layer's weights as its matmuls read them: whole over fsdp (ZeRO-3 all-gathers
     # them, ZeRO-0..2 slice them out of the stacked [L, ...] weights), split over tensor.
-    layer_weights = tree_bytes(layer, c, mesh, zero_sharded=False)
+    layer_weights = tree_bytes(layer, c, mesh, zero_sharded=False, backend=backend)
     # A scanned layer's weight-shaped residuals: layers.dense reshapes the 3-D q/k/v/o
     # weights to 2-D, a new value per scan step that autodiff stacks as a [L, ...] residual
     # (the 2-D MLP weights are forwarded from the scan's inputs instead). Under bf16/fp16
     # the cast to the compute dtype is such a value for every weight. Sharded as the
     # params are (ZeRO-3: the shard, gathered after the reshape).
+    # On TPU an f32 model's matmuls read bf16 converts of the weights (DEFAULT precision),
+    # which the compiler inserts: below ZeRO-3 it hoists them out of the scan (the stacked
+    # copy above), and that copy serves as the 2-D weights' residual, so again only the
+    # reshaped q/k/v/o are stacked (in bf16); under ZeRO-3 every weight's convert is.
     saved_weights = 0.0
     if cfg.scan_layers and (remat or cfg.remat_policy) == "none":
-        reshaped = layer if c < master_b else [p for p in layer if len(p.shape) == 3]
-        saved_weights = tree_bytes(reshaped, c, mesh, zero_sharded=stage >= 3)
+        cast = c < master_b or (backend == "tpu" and stage >= 3)
+        reshaped = layer if cast else [p for p in layer if len(p.shape) == 3]
+        saved_weights = tree_bytes(reshaped, min(c, 2) if backend == "tpu" else c, mesh,
+                                   zero_sharded=stage >= 3, backend=backend)
     stages = mesh.get("stage", 1)
     ways = mesh.get("data", 1) * mesh.get("fsdp", 1)
     acts = activation_peak(cfg, compute, -(-batch // ways), seq_len, remat or cfg.remat_policy,
                            tensor=mesh.get("tensor", 1), layer_weight_bytes=layer_weights,
-                           saved_weight_bytes=saved_weights, stages=stages, microbatches=microbatches)
+                           saved_weight_bytes=saved_weights, stages=stages, microbatches=microbatches, backend=backend)
     peak = acts.total
     if stages > 1:
         # GPipe (model/transformer.py `gpipe`), beyond the activations:
@@ -229,7 +277,7 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         stage_layers = [p for p in table if p.axes and p.axes[0] == "layers"]
         # Each backward tick computes one layer's weight gradients (whole over fsdp) and
         # reduces them over data / fsdp into a second buffer before accumulating.
-        tick_grads = 2 * tree_bytes(layer, master_b, mesh, zero_sharded=False)
+        tick_grads = 2 * tree_bytes(layer, master_b, mesh, zero_sharded=False, backend=backend)
         if (remat or cfg.remat_policy) == "none":  # live beside the layer's residual slices
             peak += tick_grads
         else:  # the recomputed layer is dead by then (XLA's peak is the reduction after the loop)
@@ -237,27 +285,57 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         if per_stage > 1 or (stage >= 3 and mesh.get("fsdp", 1) > 1):
             # params viewed as [S, L/S, ...]: XLA all-gathers this stage's layers over fsdp
             # once per step (hoisted out of the tick loop), whole for the whole step.
-            peak += tree_bytes(stage_layers, c, mesh, zero_sharded=False)
+            peak += tree_bytes(stage_layers, c, mesh, zero_sharded=False, backend=backend)
         if per_stage > 1:
             # the gradient of that copy: the inner layer scan's stacked [L/S, ...]
             # gradients and the tick loop's accumulator, both whole over fsdp.
-            peak += 2 * tree_bytes(stage_layers, master_b, mesh, zero_sharded=False)
+            peak += 2 * tree_bytes(stage_layers, master_b, mesh, zero_sharded=False, backend=backend)
     # The optimizer update, after the backward pass: train/step.py divides the gradients
     # by the loss scale (a new tree, as grads is sharded; the old one dies), then
     # clip_by_global_norm writes the clipped gradients (a tree sharded like Adam's moments)
     # before adamw reads them. When that tree outweighs the activations (remat, ZeRO-0) it
-    # is the step's peak.
-    update = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 1)
-    peak = max(peak, update)
-    return TrainMemory(stage, master, grads, adam, copy, peak, 2 * 4 * batch * seq_len / ways)
+    # is the step's peak. The compute copy (the cast weights; ZeRO-3's gathered layers) is
+    # dead by then, so that phase is gradients + the update tree alone.
+    # XLA TPU fuses the divide and the clip into adamw's per-leaf update (one elementwise
+    # fusion writing the donated params and moments), so no such tree exists there.
+    update = tree_bytes(table, master_b, mesh, zero_sharded=stage >= 1, backend=backend)
+    if backend != "tpu":
+        peak = max(peak, update - copy)
+    if backend == "cpu" and not cfg.scan_layers and stages == 1:
+        # Unrolled layers on XLA CPU (read off its buffer assignment, tiny on 8 devices):
+        # - the gradients are not reduced per layer: XLA combines the whole unrolled tree
+        #   into one all-reduce at the end (whole over fsdp whatever the ZeRO stage; a
+        #   ZeRO-2/3 shard is sliced out of the result), so that collective holds two
+        #   whole gradient trees (its input and its output).
+        # - the backward pass holds no whole gradient tree: each layer's weight gradients
+        #   appear as its residuals die, so its peak is the residuals of every layer, the
+        #   layer being differentiated and the embedding / head gradients.
+        # - remat barely shrinks it: with the layers unrolled the scheduler is free to
+        #   recompute each checkpointed layer as soon as its input exists, and it does
+        #   (XLA's temp: 13.7 MB under `none`, 13.2 under `nothing_saveable`, fsdp8).
+        whole = tree_bytes(table, master_b, mesh, zero_sharded=False, backend=backend)
+        ends = [p for p in table if not p.name.startswith("layer_")]
+        # (an unrolled layer reads its weights in place; ZeRO-3 gathers them)
+        gathered = layer_weights if stage >= 3 and mesh.get("fsdp", 1) > 1 else 0.0
+        unrolled = activation_peak(cfg, compute, -(-batch // ways), seq_len, "none",
+                                   tensor=mesh.get("tensor", 1), layer_weight_bytes=gathered,
+                                   backend=backend).total
+        backward = unrolled + tree_bytes(ends, master_b, mesh, zero_sharded=False, backend=backend)
+        # the update (ZeRO-0/1): the reduced tree, `g / scale` and the clipped tree
+        update_phase = whole + 2 * update if stage < 2 else 0.0
+        grads = whole
+        peak = max(backward + copy, 2 * whole, update_phase) - grads - copy
+    tokens = buffer_bytes((-(-batch // ways), seq_len), 4, backend)
+    return TrainMemory(stage, master, grads, adam, copy, peak, 2 * tokens)
 
 
-def _gathered_copy_bytes(cfg: ModelConfig, mesh: dict[str, int], elem: float) -> float:
+def _gathered_copy_bytes(cfg: ModelConfig, mesh: dict[str, int], elem: float, backend: str = "cpu") -> float:
     """ZeRO-3's live compute-dtype weights: two layers in flight plus embedding and head."""
     one = dataclasses.replace(cfg, num_layers=1, scan_layers=False)
     per_layer = [p for p in param_table(one) if p.name.startswith("layer_0/")]
     ends = [p for p in param_table(one) if not p.name.startswith("layer_0/")]
-    return 2 * tree_bytes(per_layer, elem, mesh, zero_sharded=False) + tree_bytes(ends, elem, mesh, zero_sharded=False)
+    return (2 * tree_bytes(per_layer, elem, mesh, zero_sharded=False, backend=backend)
+            + tree_bytes(ends, elem, mesh, zero_sharded=False, backend=backend))
 
 
 def min_chips(need: callable, capacity: float, limit: int = 65536) -> int | None:
