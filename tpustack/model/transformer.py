@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from tpustack.config import ModelConfig
 from tpustack.model.layers import MLP, Attention, RMSNorm, dense, linear, param, rope_tables
@@ -158,11 +159,19 @@ def gpipe(cfg: ModelConfig, layer_params, x_BTD: jax.Array, stages: int, microba
     stage_axes = ("act_stage", *ACT_BTD)
 
     def run_stage(stage_params, x_rTD, repeat):
-        chunk = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, repeat, keepdims=False), stage_params)
+        if V == 1:
+            chunk = jax.tree.map(lambda p: p[0], stage_params)
+        else:  # named, so the backward re-slices it instead of keeping every tick's weight copy
+            chunk = jax.tree.map(lambda p: checkpoint_name(jax.lax.dynamic_index_in_dim(p, repeat, keepdims=False),
+                                                           "pipeline_chunk"), stage_params)
 
         def layer(x, p):
             return block.apply({"params": p}, x, cos_rTH, sin_rTH), None
         return jax.lax.scan(layer, x_rTD, chunk)[0]
+
+    if V > 1:
+        run_stage = jax.checkpoint(run_stage, policy=jax.checkpoint_policies.save_anything_except_these_names(
+            "pipeline_chunk"))
 
     if n > 1 or V > 1:  # weights constrained per chunk, and per batch shard when there are several
         shard_axes = batch_axes if n > 1 else None

@@ -115,7 +115,7 @@ class Activations:
 
 def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor: int = 1,
                 layer_weight_bytes: float = 0.0, saved_weight_bytes: float = 0.0,
-                stages: int = 1, microbatches: int = 1, backend: str = "cpu") -> Activations:
+                stages: int = 1, microbatches: int = 1, backend: str = "cpu", repeats: int = 1) -> Activations:
     """Peak activation bytes per device for remat 'none' or any policy that saves nothing.
 
     layer_weight_bytes: one layer's weights in the compute dtype as the layer's matmuls read
@@ -135,7 +135,8 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
     steps = layers  # layer applications whose residuals are all live at the backward's start
     if stages > 1:
         mb = -(-b // microbatches)
-        steps = (microbatches + stages - 1) * (layers // stages)
+        # V M + S - 1 ticks of L / (S V) layers each (V = 1: GPipe; V > 1: circular)
+        steps = (repeats * microbatches + stages - 1) * (layers // (stages * repeats))
         # x reshaped to [M, b, T, D] (the tick loop's feed) and out [M, b, T, D] (its
         # result), whose cotangents are live through the backward tick loop.
         pipeline = 2 * buffer_bytes((b, t, cfg.d_model), c, backend)

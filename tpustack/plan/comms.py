@@ -36,7 +36,7 @@ def _ag(n: int, x: float) -> float:
 
 
 def step_collective_bytes(cfg: ModelConfig, mesh: dict[str, int], zero_stage: int, batch: int, seq_len: int,
-                          microbatches: int = 1, compute_dtype: str = "float32") -> dict[str, float]:
+                          microbatches: int = 1, compute_dtype: str = "float32", repeats: int = 1) -> dict[str, float]:
     """Bytes one device sends per step: {"data": ..., "tensor": ..., "stage": ...}."""
     data, fsdp = mesh.get("data", 1), mesh.get("fsdp", 1)
     tensor, stages = mesh.get("tensor", 1), mesh.get("stage", 1)
@@ -57,10 +57,10 @@ def step_collective_bytes(cfg: ModelConfig, mesh: dict[str, int], zero_stage: in
     # activations across tensor
     b = batch / (data * fsdp)
     act = b * seq_len * cfg.d_model * DTYPE_BYTES[compute_dtype]
-    if stages > 1:  # every tick runs each stage's L/S layers on one microbatch (bubble ticks too)
-        ticks = microbatches + stages - 1
+    if stages > 1:  # every tick runs each stage's L/(S V) layers on one microbatch (bubble ticks too)
+        ticks = repeats * microbatches + stages - 1
         mb = act / microbatches
-        layer_acts = cfg.num_layers / stages * ticks * 7 * mb
+        layer_acts = cfg.num_layers / (stages * repeats) * ticks * 7 * mb
         out["stage"] = ticks * 2 * (mb + _ar(stages, mb))
     else:
         layer_acts = cfg.num_layers * 7 * act

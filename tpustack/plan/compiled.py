@@ -25,7 +25,10 @@ LAYOUTS = {"data8": (_M(data=8), 0),
            "data4xtensor2": (_M(data=4, tensor=2), 0),
            "stage2xfsdp4": (_M(stage=2, fsdp=4), 3),
            "stage4xdata2": (_M(stage=4, data=2), 0),
-           "data2xstage2xtensor2": (_M(data=2, stage=2, tensor=2), 0)}
+           "data2xstage2xtensor2": (_M(data=2, stage=2, tensor=2), 0),
+           "stage2xfsdp4-circular": (_M(stage=2, fsdp=4), 3)}
+# Layouts that also set parallel.* beyond the ZeRO stage.
+LAYOUT_OVERRIDES = {"stage2xfsdp4-circular": {"parallel.pipeline_repeats": "2"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +82,12 @@ def check(config_path: str, backend: str, layout: str, remat: str, overrides: di
 
     mesh, stage = LAYOUTS[layout]
     ov = {**(overrides or {}), "model.remat_policy": remat, "parallel.zero_stage": str(stage),
-          **{f"mesh.{k}": str(v) for k, v in mesh.items()}}
+          **LAYOUT_OVERRIDES.get(layout, {}), **{f"mesh.{k}": str(v) for k, v in mesh.items()}}
     config = load_config(config_path, ov)
     stats = compile_train_step(config, devices if devices is not None else devices_for(backend))
     est = train_memory(config.model, config.train.precision, mesh, stage, config.train.batch_size,
-                       config.train.seq_len, remat, backend=backend, microbatches=config.parallel.microbatches)
+                       config.train.seq_len, remat, backend=backend, microbatches=config.parallel.microbatches,
+                       repeats=config.parallel.pipeline_repeats)
     return Row(config.name, backend, layout, remat, stage, float(stats.argument_size_in_bytes),
                float(stats.temp_size_in_bytes), est.state + est.batch,
                est.grads + est.compute_copy + est.activations)
@@ -119,7 +123,7 @@ def compile_check(config, topology: str) -> dict[str, Any]:
     stage = config.parallel.zero_stage if mesh["fsdp"] > 1 else 0
     est = train_memory(config.model, config.train.precision, mesh, stage, config.train.batch_size,
                        config.train.seq_len, config.model.remat_policy, backend="tpu",
-                       microbatches=config.parallel.microbatches)
+                       microbatches=config.parallel.microbatches, repeats=config.parallel.pipeline_repeats)
     generation = topology.split(":")[0]
     hbm = chip(generation).hbm_bytes if generation in ("v4", "v5e", "v5p", "v6e") else 0.0
     report = {"config": config.name, "topology": topology, "chips": len(devices), "mesh": mesh, "zero_stage": stage,

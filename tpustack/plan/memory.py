@@ -207,14 +207,15 @@ class TrainMemory:
 
 def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: int,
                  batch: int, seq_len: int, remat: str | None = None, backend: str = "tpu",
-                 microbatches: int = 4) -> TrainMemory:
+                 microbatches: int = 4, repeats: int = 1) -> TrainMemory:
     """Our layout's per-device training bytes for ZeRO `stage` (0..3) sharding over mesh['fsdp'].
 
     backend "tpu": the cast to the compute dtype fuses into each matmul, except that the
     layer scan's stacked weights are cast once, hoisted out of the loop (below ZeRO-3), and
     ZeRO-3 gathers cast layers; every array is counted with its (8, 128) tile padding.
     "cpu": XLA CPU materialises the cast copy and keeps bf16 activations in f32.
-    microbatches: GPipe microbatches (parallel.microbatches), used when mesh['stage'] > 1.
+    microbatches: GPipe microbatches (parallel.microbatches), used when mesh['stage'] > 1;
+    repeats: layer chunks per stage of a circular pipeline (parallel.pipeline_repeats).
 
     `activations` is everything at the step's peak beyond the gradients and the compute
     copy: the backward pass's residuals and workspace, or the optimizer update's workspace
@@ -269,7 +270,8 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     ways = mesh.get("data", 1) * mesh.get("fsdp", 1)
     acts = activation_peak(cfg, compute, -(-batch // ways), seq_len, remat or cfg.remat_policy,
                            tensor=mesh.get("tensor", 1), layer_weight_bytes=layer_weights,
-                           saved_weight_bytes=saved_weights, stages=stages, microbatches=microbatches, backend=backend)
+                           saved_weight_bytes=saved_weights, stages=stages, microbatches=microbatches, backend=backend,
+                           repeats=repeats)
     peak = acts.total
     if stages > 1:
         # GPipe (model/transformer.py `gpipe`), beyond the activations:
@@ -289,6 +291,11 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         if per_stage > 1:
             # the gradient of that copy: the inner layer scan's stacked [L/S, ...]
             # gradients and the tick loop's accumulator, both whole over fsdp.
+            peak += 2 * tree_bytes(stage_layers, master_b, mesh, zero_sharded=False, backend=backend)
+        if repeats > 1:
+            # circular: the stage's layers regrouped into [V, L/(S V), ...] chunks (an
+            # all-to-all of the stored [L, ...] order) and that copy's gradient, both whole
+            # over fsdp, for the whole step (read off the buffer assignment, tiny on 8 CPUs).
             peak += 2 * tree_bytes(stage_layers, master_b, mesh, zero_sharded=False, backend=backend)
     # The optimizer update, after the backward pass: train/step.py divides the gradients
     # by the loss scale (a new tree, as grads is sharded; the old one dies), then
