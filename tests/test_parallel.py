@@ -225,3 +225,31 @@ def test_multislice_mesh_is_dcn_major():
 
 def test_multislice_training_matches_reference(reference):
     assert_close(loss_and_grads(mesh__data=1, mesh__fsdp=4, mesh__dcn_data=2), reference)
+
+
+def test_hlo_reader_multiplies_loop_trip_counts():
+    """CPU annotates known_trip_count; TPU does not, so the bound is read off the condition."""
+    hlo = """HloModule m
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %c = s32[]{:T(128)} constant(6)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar = f32[4]{0:T(256)} all-reduce(%x), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %cp = f32[4]{0} collective-permute(%x), channel_id=2, source_target_pairs={{0,1}}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body
+  %ag = f32[16]{0} all-gather(%a), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+"""
+    by_kind = {c.kind: c for c in collectives(hlo)}
+    assert by_kind["all-reduce"].runs == 6 and by_kind["all-reduce"].group == 4
+    assert by_kind["all-reduce"].moved_bytes == pytest.approx(2 * 3 / 4 * 16)
+    assert by_kind["collective-permute"].runs == 6 and by_kind["all-gather"].runs == 1
+    assert by_kind["all-gather"].moved_bytes == pytest.approx(3 / 4 * 64)
+    cpu = hlo.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"3"}}')
+    assert {c.runs for c in collectives(cpu) if c.kind != "all-gather"} == {3}

@@ -3,7 +3,8 @@
 Reads `compiled.as_text()`: every all-reduce / all-gather / reduce-scatter /
 collective-permute / all-to-all with its operand bytes, its replica-group size, the
 computation it sits in and how many times that computation runs per step (a while
-loop's `known_trip_count`, nested loops multiplied). `moved_bytes` is what one device
+loop's `known_trip_count` on CPU/GPU; on TPU, which does not annotate it, the constant
+bound of the loop condition; nested loops multiplied). `moved_bytes` is what one device
 sends over the links for it with ring algorithms: all-reduce 2 (n-1)/n x bytes,
 all-gather and reduce-scatter (n-1)/n x the full (gathered / pre-scatter) bytes,
 collective-permute and all-to-all the operand bytes.
@@ -85,10 +86,18 @@ def collectives(hlo_text: str) -> list[Collective]:
     callers: dict[str, list[tuple[str, int]]] = {}
     for comp, lines in comps.items():
         for line in lines:
-            loop = _WHILE.search(line)
+            trips_of = {}
+            if " while(" in line:
+                body = re.search(r"body=%?([\w.\-]+)", line)
+                known = _WHILE.search(line)
+                cond = re.search(r"condition=%?([\w.\-]+)", line)
+                if known:  # XLA CPU / GPU annotate the trip count
+                    trips_of[body.group(1)] = int(known.group(2))
+                elif body and cond:  # TPU does not: read the bound `i < N` off the condition
+                    bounds = [int(c) for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", "\n".join(comps.get(cond.group(1), [])))]
+                    trips_of[body.group(1)] = max(bounds) if bounds else 1
             for callee in re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", line):
-                trips = int(loop.group(2)) if loop and callee == loop.group(1) else 1
-                callers.setdefault(callee, []).append((comp, trips))
+                callers.setdefault(callee, []).append((comp, trips_of.get(callee, 1)))
             for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
                 for callee in re.findall(r"%?([\w.\-]+)", group):
                     callers.setdefault(callee, []).append((comp, 1))
