@@ -6,8 +6,10 @@ The same configs/bench_125m weights (f32, random, saved once as a Hugging Face c
 go into both. Batch 1, greedy: the tokens must be identical. Prints TTFT, TPOT and
 tokens/s for both, the ratio, and the effective weight bandwidth (matmul weight bytes /
 TPOT) against a streaming gemv measured in the same run (the memory roofline of
-decoding); then TTFT at longer prompts and tokens/s at larger batches. Writes JSON to
-benchmarks/results/decode_cpu.json.
+decoding), and the roofline's prediction of the decode step (tpustack.plan.roofline: every
+byte the step touches at the measured cold-stream bandwidth plus the measured per-op
+latency) against the measured TPOT; then TTFT at longer prompts and tokens/s at larger
+batches. Writes JSON to benchmarks/results/decode_cpu.json.
 """
 
 from __future__ import annotations
@@ -62,10 +64,11 @@ def main() -> None:
 
     from tpustack.config import load_config
     from tpustack.infer.bench import time_generation
-    from tpustack.infer.decode import Generator
+    from tpustack.infer.decode import Generator, bucket
     from tpustack.interop.hf import save_hf_checkpoint
     from tpustack.model import Decoder
-    from tpustack.plan.chips import measure_cpu
+    from tpustack.plan import roofline
+    from tpustack.plan.chips import measure_cpu_streams
     from train_cpu import cpu_name
 
     torch.set_num_threads(args.threads)
@@ -77,7 +80,7 @@ def main() -> None:
     gen = Generator(cfg, params)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
-    chip = measure_cpu()
+    chip = measure_cpu_streams()
     # bytes a decode step must stream: every matmul weight (the embedding is a one-row gather)
     weight_bytes = 4 * (cfg.num_params() - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1))
 
@@ -89,7 +92,11 @@ def main() -> None:
         theirs.append(hf_generate(hf, prompt, args.new_tokens))
         print(f"repeat {i + 1}/{args.repeats}: tpustack {ours[-1]['e2e_s']:.2f}s, "
               f"transformers {theirs[-1][1]:.2f}s", file=sys.stderr, flush=True)
-    chip = max(chip, measure_cpu.__wrapped__(), key=lambda c: c.hbm_bandwidth)
+    chip = max(chip, measure_cpu_streams.__wrapped__(), key=lambda c: c.hbm_bandwidth)
+    # the roofline of one decode step as the generator runs it: attention reads the whole bucketed
+    # cache, and the XLA CPU path copies K and V head-major once per layer
+    cache_len = min(bucket(args.prompt_len + args.new_tokens), cfg.max_seq_len)
+    pred = roofline.predict(roofline.decode_ops(cfg, 1, cache_len, "fp32", "fp32", "fp32", kv_copies=1), chip, 1)
     same_tokens = ours[-1]["tokens"][0] == theirs[-1][2]
     t_ttft = statistics.median(r["ttft_s"] for r in ours)
     t_tpot = statistics.median(r["tpot_s"] for r in ours)
@@ -129,6 +136,14 @@ def main() -> None:
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads},
               "gemv_bandwidth_gbs": chip.hbm_bandwidth / 1e9, "matmul_peak_gflops": chip.peak_flops / 1e9,
               "weight_bytes": weight_bytes, "identical_tokens": same_tokens, "rows": rows,
+              "roofline": {"cache_len": cache_len, "ceiling_tpot_s": pred.seconds,
+                           "predicted_tpot_s": pred.predicted_seconds,
+                           "stream_seconds": sum(roofline.op_stream_time(o, chip) for o in pred.ops),
+                           "cold_stream_gbs_by_op_bytes": [[s, b / 1e9] for s, b in chip.stream],
+                           "op_latency_s": chip.op_latency,
+                           "kernels": sum(o.kernels * o.count for o in pred.ops),
+                           "bytes": sum(o.bytes * o.count for o in pred.ops),
+                           "measured_over_predicted_tpot": t_tpot / pred.predicted_seconds},
               "speedup_vs_transformers": rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"],
               "ttft": ttft_rows, "batches": batch_rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -146,6 +161,12 @@ def main() -> None:
         print(f"{r['name']:<22}{r['ttft_s'] * 1e3:>9.1f}{r['tpot_s'] * 1e3:>9.1f}{r['tokens_per_s']:>10.1f}"
               f"{r['weight_gbs']:>14.1f}{100 * r['weight_gbs'] / bw:>7.0f}%"
               f"{r['tokens_per_s'] / rows[1]['tokens_per_s']:>6.2f}x")
+    print(f"decode step roofline (cache {cache_len}): ceiling {pred.seconds * 1e3:.1f} ms, predicted "
+          f"{pred.predicted_seconds * 1e3:.1f} ms ({1 / pred.predicted_seconds:.1f} tokens/s: "
+          f"{sum(o.bytes * o.count for o in pred.ops) / 1e6:.0f} MB streamed cold in "
+          f"{sum(roofline.op_stream_time(o, chip) for o in pred.ops) * 1e3:.1f} ms + "
+          f"{sum(o.kernels * o.count for o in pred.ops)} ops x {chip.op_latency * 1e6:.2f} us); measured TPOT "
+          f"{t_tpot * 1e3:.1f} ms ({1 / t_tpot:.1f} tokens/s) = {t_tpot / pred.predicted_seconds:.2f}x the prediction")
     if ttft_rows:
         print("TTFT by prompt length: " + ", ".join(
             f"{r['prompt_len']}: {r['tpustack_ttft_s'] * 1e3:.0f} ms (HF {r['transformers_ttft_s'] * 1e3:.0f})"

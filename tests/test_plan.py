@@ -156,9 +156,43 @@ def test_roofline_plot(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_roofline_prediction_counts_every_byte_and_adds_op_latency():
+    """The prediction is the ceiling's bytes at the cold-stream bandwidth plus the op latency per
+    kernel; it counts every weight, the K/V reads at the context and the head (bench_125m, f32)."""
+    m = load_config(cfg_path("bench_125m.py")).model
+    context = 256
+    ops = roofline.decode_ops(m, 1, context, "fp32", "fp32", "fp32", kv_copies=1)
+    weights = 4 * (m.num_params() - m.vocab_size * m.d_model)  # all but the embedding table (one row read)
+    kv = 2 * context * m.num_kv_heads * m.heads_dim * 4 * m.num_layers
+    total = sum(o.bytes * o.count for o in ops)
+    assert weights + 3 * kv < total < weights + 3 * kv + 2e6  # relayout: K/V read, then copied (read + write)
+    kernels = sum(o.kernels * o.count for o in ops)
+    assert kernels >= 7 * m.num_layers + 2  # at least the 7 projections per layer, the head and the sampling
+    fake = Chip("fake", 1e12, 0.0, 1e12, 40e9, 0.0, stream=((1.0, 20e9),), op_latency=2e-6)
+    pred = roofline.predict(ops, fake, 1)
+    assert pred.seconds == pytest.approx(sum(max(o.flops / 1e12, o.bytes / 40e9) * o.count for o in ops))
+    assert pred.predicted_seconds == pytest.approx(2 * pred.seconds + kernels * 2e-6, rel=1e-3)
+    assert pred.predicted_tokens_per_s < pred.tokens_per_s
+    # table chips model no per-op latency and stream at the datasheet bandwidth: prediction = ceiling
+    v5e = roofline.predict(ops, CHIPS["v5e"], 1)
+    assert CHIPS["v5e"].op_latency == 0 and v5e.predicted_seconds == pytest.approx(v5e.seconds)
+
+
 def test_cpu_chip_is_measured():
     c = chip("cpu")
     assert c.peak_flops > 1e9 and c.hbm_bandwidth > 1e8
+    # the prediction's terms are measured: cold-stream rates by op size, none faster than the
+    # ceiling's best bandwidth, and a positive fixed cost per op (microseconds, not milliseconds)
+    sizes = [s for s, _ in c.stream]
+    assert len(sizes) >= 3 and sizes == sorted(sizes)
+    assert all(1e8 < b <= c.hbm_bandwidth for _, b in c.stream)
+    assert c.cold_bandwidth(sizes[0] / 2) == c.stream[0][1] and c.cold_bandwidth(sizes[-1] * 2) == c.stream[-1][1]
+    mid = math.sqrt(sizes[0] * sizes[1])  # log-midpoint: the mean of the two rates
+    assert c.cold_bandwidth(mid) == pytest.approx((c.stream[0][1] + c.stream[1][1]) / 2)
+    assert 1e-8 < c.op_latency < 1e-3
+    m = load_config(cfg_path("bench_125m.py")).model
+    pred = roofline.predict(roofline.decode_ops(m, 1, 256, "fp32", "fp32", "fp32", kv_copies=1), c, 1)
+    assert pred.predicted_tokens_per_s < pred.tokens_per_s  # below the pure-bandwidth ceiling
     with pytest.raises(UserError, match="unknown"):
         chip("tpu9000")
 

@@ -4,12 +4,21 @@ Dense (no sparsity) peak rates; 0 where the chip has no faster path for that typ
 Interconnect: bytes/s per chip, all links summed (ICI on TPU, NVLink on NVIDIA).
 Prices: on-demand $ per chip-hour, us-central, as published when this table was written;
 pass --price to `tpustack estimate` for yours.
+
+Two more properties feed the roofline's *prediction* (the ceiling uses only P and B):
+`stream`, the bandwidth one op reaches reading weights that are in no cache, by how many
+bytes the op reads (a table), and `op_latency`, the fixed cost of one separately executed
+op. For "cpu" both are measured (`measure_cpu_streams`). For the accelerators the table leaves
+them empty / 0: the prediction uses the datasheet HBM bandwidth at every size and no
+per-op cost (XLA fuses a decode step into one program that runs its ops back to back on
+the chip, and no vendor publishes a per-op cost inside such a program), i.e. the ceiling.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 
 from tpustack.errors import UserError
@@ -25,6 +34,23 @@ class Chip:
     interconnect_bandwidth: float  # bytes/s per chip (ICI / NVLink), one direction summed over links
     fp8_flops: float = 0.0  # FLOP/s, dense fp8 (0: no fp8 matmul unit)
     dollars_per_hour: float = 0.0  # on-demand, one chip
+    # ((bytes one op reads, bytes/s it reaches), ...) from cold caches, ascending; (): hbm_bandwidth
+    stream: tuple[tuple[float, float], ...] = ()
+    op_latency: float = 0.0  # s: fixed cost per op beyond its bytes and FLOPs (0: not modelled)
+
+    def cold_bandwidth(self, nbytes: float) -> float:
+        """Bytes/s of one op reading `nbytes` from no cache: the `stream` table, interpolated in
+        log(bytes) between its sizes and held flat beyond them; the datasheet B without one."""
+        if not self.stream:
+            return self.hbm_bandwidth
+        sizes = [s for s, _ in self.stream]
+        if nbytes <= sizes[0]:
+            return self.stream[0][1]
+        for (s0, b0), (s1, b1) in zip(self.stream, self.stream[1:]):
+            if nbytes <= s1:
+                f = math.log(nbytes / s0) / math.log(s1 / s0)
+                return b0 + f * (b1 - b0)
+        return self.stream[-1][1]
 
 
 GiB, GB, T = 2**30, 1e9, 1e12
@@ -61,10 +87,10 @@ _DEVICE_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5
 
 
 def chip(name: str) -> Chip:
-    """A chip by table key (v5p, h100, ...) or "cpu" (measured)."""
+    """A chip by table key (v5p, h100, ...) or "cpu" (measured, with the prediction's terms)."""
     key = name.lower()
     if key == "cpu":
-        return measure_cpu()
+        return measure_cpu_streams()
     if key not in CHIPS:
         raise UserError(f"--chip {name!r}: unknown; known: cpu, {', '.join(CHIPS)}")
     return CHIPS[key]
@@ -83,7 +109,10 @@ def chip_for_device(device) -> Chip:
 
 @functools.lru_cache(maxsize=1)
 def measure_cpu() -> Chip:
-    """Peak f32 matmul FLOP/s and streaming gemv bandwidth of this host, as XLA reaches them."""
+    """Peak f32 matmul FLOP/s and streaming gemv bandwidth of this host, as XLA reaches them
+    (all MFU needs; `measure_cpu_streams` adds what the roofline's prediction needs)."""
+    import os
+
     import jax
     import jax.numpy as jnp
 
@@ -94,21 +123,113 @@ def measure_cpu() -> Chip:
     matmul(a).block_until_ready()
     best = min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(3))
     flops = 2 * n**3 / best
-    rows = 8192  # 8192 x 8192 f32 = 256 MiB: far larger than any cache
+    rows = 8192  # 8192 x 8192 f32 = 256 MiB: larger than most caches (not all: see cold_stream)
     w = jax.device_put(jnp.ones((rows, rows), jnp.float32), cpu)
     x = jax.device_put(jnp.ones((rows,), jnp.float32), cpu)
     gemv = jax.jit(lambda w, x: w @ x)
     gemv(w, x).block_until_ready()
     best = min(_timed(lambda: gemv(w, x).block_until_ready()) for _ in range(3))
     bandwidth = rows * rows * 4 / best
-    import os
-
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # host RAM plays HBM's part
     return Chip("cpu", flops, 0.0, float(ram), bandwidth, 0.0)
+
+
+@functools.lru_cache(maxsize=1)
+def measure_cpu_streams() -> Chip:
+    """measure_cpu's figures, measured afresh, plus the prediction's: the cold-stream bandwidth
+    by op size (`cold_stream` at STREAM_SIZES) and the fixed cost of one op (`op_latency`).
+    About 5 s; `tpustack estimate --chip cpu` uses it."""
+    import jax
+
+    cpu = jax.devices("cpu")[0]
+    base = measure_cpu.__wrapped__()
+    latency, evict = op_latency(cpu), _evictor(cpu)
+    stream = tuple((s, cold_stream(cpu, int(math.sqrt(s / 4)), latency, evict)) for s in STREAM_SIZES)
+    # the ceiling takes the best rate any measurement reached (a noisy neighbour can slow either one)
+    ceiling = max([base.hbm_bandwidth] + [b for _, b in stream])
+    return dataclasses.replace(base, hbm_bandwidth=ceiling, stream=stream, op_latency=latency)
+
+
+STREAM_SIZES = tuple(4 * n * n for n in (256, 512, 1024, 2048, 4096, 8192))  # f32 [n, n]: 256 KiB .. 256 MiB
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this host reports (sysfs), or 256 MiB where it reports none."""
+    import glob
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=256 * 2**20)
+
+
+def cold_stream(device, n: int, latency: float = 0.0, evict=None, total: float = 64 * 2**20,
+                repeats: int = 3) -> float:
+    """Bytes/s one op reaches reading an f32 weight [n, n] that is in no cache: a dependent
+    chain x -> x @ W_i over distinct weights (the decode step's layout: x [1, n] times a
+    [in, out] weight), every one evicted from the caches first, less `latency` per op. That
+    is what decoding sees: one op after another, each streaming a weight read once per step,
+    and a model's weights do not stay in cache from one step to the next."""
+    import jax
+    import jax.numpy as jnp
+
+    count = max(1, int(total // (n * n * 4)))
+    weights = [jax.device_put(jnp.full((n, n), 1.0 / n, jnp.float32), device) for _ in range(count)]
+    x = jax.device_put(jnp.ones((1, n), jnp.float32), device)
+
+    def chain(ws, x):  # x stays all ones: no denormals, no overflow
+        for w in ws:
+            x = x @ w
+        return x
+
+    chain = jax.jit(chain)
+    evict = evict or _evictor(device)
+    chain(weights, x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        evict()
+        times.append(_timed(lambda: chain(weights, x).block_until_ready()))
+    return n * n * 4 / max(min(times) / count - latency, 1e-9)
+
+
+def op_latency(device, count: int = 64, repeats: int = 10) -> float:
+    """Seconds per op of a chain of dependent tiny matmuls ([1, 8] x [8, 8], all in L1): what
+    the runtime spends to run one op, with no bytes or FLOPs to speak of."""
+    import jax
+    import jax.numpy as jnp
+
+    weights = [jax.device_put(jnp.full((8, 8), 0.125, jnp.float32), device) for _ in range(count)]
+    x = jax.device_put(jnp.ones((1, 8), jnp.float32), device)
+
+    def chain(ws, x):
+        for w in ws:
+            x = x @ w
+        return x
+
+    chain = jax.jit(chain)
+    chain(weights, x).block_until_ready()
+    return min(_timed(lambda: chain(weights, x).block_until_ready()) for _ in range(repeats)) / count
+
+
+def _evictor(device):
+    """A function that reads twice the last-level cache, pushing everything else out of it."""
+    import jax
+    import jax.numpy as jnp
+
+    size = min(2 * last_level_cache_bytes(), 2**30) // 4
+    buf = jax.device_put(jnp.ones((size,), jnp.float32), device)
+    total = jax.jit(jnp.sum)
+    total(buf).block_until_ready()
+    return lambda: total(buf).block_until_ready()
 
 
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-

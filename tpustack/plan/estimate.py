@@ -47,33 +47,43 @@ def report(config: Config, chip: Chip, chips: int, context: int, batch: int,
 
     cpu = chip.name == "cpu"  # XLA CPU is fastest in f32 (converts do not fuse into dots)
     act = "fp32" if cpu else "bf16"
-    dec = {w: roofline.predict(roofline.decode_ops(m, batch, context, w, "int8" if w == "int8" else act, act),
+    # the XLA attention path (CPU) copies K and V head-major every layer; the decode kernel does not
+    dec = {w: roofline.predict(roofline.decode_ops(m, batch, context, w, "int8" if w == "int8" else act, act,
+                                                   kv_copies=1 if cpu else 0),
                                chip, batch) for w in (("fp32",) if cpu else ("bf16", "int8"))}
     per_chip = max(1, t.batch_size // chips)
     trn = roofline.predict(roofline.train_ops(m, per_chip, t.seq_len, "float32" if cpu else "bfloat16"),
                            chip, per_chip * t.seq_len)
     price = chip.dollars_per_hour if price is None else price
     base = "fp32" if cpu else "bf16"
-    rate = tokens_per_s or dec[base].tokens_per_s
-    costs = {"dollars_per_hour": price, "tokens_per_s": rate, "source": "given" if tokens_per_s else "roofline",
+    rate = tokens_per_s or dec[base].predicted_tokens_per_s
+    costs = {"dollars_per_hour": price, "tokens_per_s": rate,
+             "source": "given" if tokens_per_s else "roofline prediction",
              "per_million": cost.cost_per_million(price, rate) if price else None}
     if "int8" in dec and price:
-        costs["per_million_int8"] = cost.cost_per_million(price, dec["int8"].tokens_per_s * rate / dec[base].tokens_per_s)
+        costs["per_million_int8"] = cost.cost_per_million(
+            price, dec["int8"].predicted_tokens_per_s * rate / dec[base].predicted_tokens_per_s)
 
     def ops(pred: roofline.Prediction) -> list[dict]:
         return [{"name": o.name, "kind": o.kind, "count": o.count, "flops": o.flops, "bytes": o.bytes,
                  "intensity": o.intensity, "bound": roofline.bound(o, chip),
                  "achievable_flops": roofline.achievable(o.intensity, chip.peak_flops, chip.hbm_bandwidth),
-                 "seconds": roofline.op_time(o, chip)} for o in pred.ops]
+                 "seconds": roofline.op_time(o, chip), "kernels": o.kernels,
+                 "predicted_seconds": roofline.op_predicted(o, chip)} for o in pred.ops]
 
     return {
         "config": config.name, "params": params, "chip": chip.name, "chips": chips, "context": context,
         "batch": batch, "precision": t.precision, "remat_policy": m.remat_policy,
         "train_batch": t.batch_size, "train_seq_len": t.seq_len, "hbm_bytes": cap,
         "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth,
+        "stream": [list(x) for x in chip.stream], "op_latency": chip.op_latency,
         "break_even": roofline.break_even(chip.peak_flops, chip.hbm_bandwidth),
         "weights": weights, "kv_cache": kv, "zero": zero, "fewest_chips": fewest, "fits": fits,
         "decode": {w: {"seconds": p.seconds, "tokens_per_s": p.tokens_per_s, "mfu_ceiling": p.mfu(chip),
+                       "predicted_seconds": p.predicted_seconds, "predicted_tokens_per_s": p.predicted_tokens_per_s,
+                       "kernels": sum(o.count * o.kernels for o in p.ops),
+                       "bytes": sum(o.count * o.bytes for o in p.ops),
+                       "stream_seconds": sum(roofline.op_stream_time(o, chip) for o in p.ops),
                        "ops": ops(p)} for w, p in dec.items()},
         "train_step": {"seconds": trn.seconds, "tokens_per_s_per_chip": trn.tokens_per_s,
                        "mfu_ceiling": trn.mfu(chip), "ops": ops(trn)},
@@ -89,7 +99,12 @@ def render(r: dict[str, Any], show_ops: bool = False) -> str:
     """The report as a terminal table."""
     L = [f"{r['config']}: {r['params'] / 1e9:.2f}B params on {r['chips']} x {r['chip']} "
          f"({r['hbm_bytes'] / GB:.0f} GB, {r['peak_flops'] / 1e12:.0f} TFLOP/s, "
-         f"{r['hbm_bandwidth'] / 1e9:.0f} GB/s; break-even {r['break_even']:.0f} FLOP/byte)", "", "weights"]
+         f"{r['hbm_bandwidth'] / 1e9:.0f} GB/s; break-even {r['break_even']:.0f} FLOP/byte)"]
+    if r["stream"]:
+        L.append("  cold stream by bytes per op: " + ", ".join(
+            f"{s / 2**20:g} MiB {b / 1e9:.1f} GB/s" for s, b in r["stream"])
+            + f"; op latency {r['op_latency'] * 1e6:.2f} us")
+    L += ["", "weights"]
     L += [f"  {f:5s} {_g(b)}" for f, b in r["weights"].items()]
     L += ["", f"KV cache at {r['context']} tokens (GQA-aware)    per sequence     batch {r['batch']}"]
     L += [f"  {d:5s}                              {_g(v['per_sequence'])}   {_g(v['per_batch'])}"
@@ -110,16 +125,25 @@ def render(r: dict[str, Any], show_ops: bool = False) -> str:
     L.append("")
     for w, d in r["decode"].items():
         L.append(f"decode roofline ({w} weights, batch {r['batch']}, context {r['context']}): "
-                 f"{d['seconds'] * 1e3:.2f} ms/step, {d['tokens_per_s']:.0f} tokens/s, MFU ceiling "
+                 f"{d['seconds'] * 1e3:.2f} ms/step, {d['tokens_per_s']:.0f} tokens/s ceiling, MFU ceiling "
                  f"{d['mfu_ceiling']:.1%}")
+        if r["op_latency"] or r["stream"]:
+            L.append(f"  predicted: {d['predicted_seconds'] * 1e3:.2f} ms/step, {d['predicted_tokens_per_s']:.0f} "
+                     f"tokens/s ({d['bytes'] / 1e6:.0f} MB streamed cold in {d['stream_seconds'] * 1e3:.2f} ms, "
+                     f"{d['bytes'] / d['stream_seconds'] / 1e9:.1f} GB/s, + {d['kernels']} ops x "
+                     f"{r['op_latency'] * 1e6:.2f} us)")
+        else:
+            L.append("  predicted: the ceiling (datasheet bandwidth; no per-op latency is modelled for this chip)")
     ts = r["train_step"]
     L.append(f"train-step roofline (per chip): {ts['seconds'] * 1e3:.1f} ms, {ts['tokens_per_s_per_chip']:.0f} "
              f"tokens/s/chip, MFU ceiling {ts['mfu_ceiling']:.1%}")
     if show_ops:
         for title, ops in [(f"decode ({w})", d["ops"]) for w, d in r["decode"].items()] + [("train", ts["ops"])]:
-            L += ["", f"{title}: op                         x   GFLOP     MB    FLOP/B  bound    ms"]
+            L += ["", f"{title}: op                         x   GFLOP     MB    FLOP/B  bound    ms  predicted"]
             L += [f"  {o['name']:30s} {o['count']:3d} {o['flops'] / 1e9:8.2f} {o['bytes'] / 1e6:8.1f} "
-                  f"{o['intensity']:8.1f}  {o['bound']:7s} {o['seconds'] * 1e3:7.3f}" for o in ops]
+                  f"{o['intensity']:8.1f}  {o['bound']:7s} {o['seconds'] * 1e3:7.3f} "
+                  f"{o['predicted_seconds'] * 1e3:9.3f}"
+                  for o in ops]
     c = r["cost"]
     L.append("")
     if c["per_million"] is None:

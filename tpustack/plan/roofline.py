@@ -5,6 +5,13 @@ is the sum over ops (no overlap between ops, no communication: a ceiling, not a 
 A matmul [m, k] x [k, n] costs 2mkn FLOPs and moves its operands and result once.
 Training counts the backward pass as two more matmuls of the same shape (dX and dW),
 so 3x the forward FLOPs and bytes, with weights read in the compute dtype.
+
+The *prediction* (`op_predicted`) charges the same counted FLOPs and bytes, but bytes at
+the chip's cold-stream bandwidth for the size one kernel reads (a step streams each weight
+once, so none is cached; small reads reach less of the bandwidth than large ones: measured
+for "cpu", the datasheet HBM figure elsewhere) and adds the chip's fixed per-op latency
+once per kernel an op needs (measured for "cpu", 0 elsewhere). Every term is a
+counted byte or FLOP or a measured machine property; nothing is fitted to a benchmark.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class Op:
     flops: float
     bytes: float
     count: int = 1  # how many times per step (layers)
+    kernels: int = 1  # separately run ops per instance (each pays the chip's op_latency)
 
     @property
     def intensity(self) -> float:
@@ -46,34 +54,65 @@ def op_time(op: Op, chip: Chip) -> float:
     return op.count * max(op.flops / chip.peak_flops, op.bytes / chip.hbm_bandwidth)
 
 
+def op_stream_time(op: Op, chip: Chip) -> float:
+    """The prediction without op latency: max(FLOPs / P, bytes / B_cold) for all `count`
+    instances, B_cold the chip's cold-stream bandwidth at the bytes one kernel reads."""
+    per_kernel = op.bytes / max(op.kernels, 1)
+    return op.count * max(op.flops / chip.peak_flops, op.bytes / chip.cold_bandwidth(per_kernel))
+
+
+def op_predicted(op: Op, chip: Chip) -> float:
+    """Seconds for all `count` instances as predicted: the cold stream plus the fixed op
+    latency once per kernel."""
+    return op_stream_time(op, chip) + op.count * op.kernels * chip.op_latency
+
+
 def bound(op: Op, chip: Chip) -> str:
     """'memory' below the break-even intensity, else 'compute'."""
     return "memory" if op.intensity < break_even(chip.peak_flops, chip.hbm_bandwidth) else "compute"
 
 
-def _matmul(name: str, m: float, k: float, n: float, w_bytes: float, a_bytes: float, count: int) -> Op:
-    return Op(name, "matmul", 2 * m * k * n, k * n * w_bytes + (m * k + m * n) * a_bytes, count)
+def _matmul(name: str, m: float, k: float, n: float, w_bytes: float, a_bytes: float, count: int,
+            kernels: int = 1) -> Op:
+    return Op(name, "matmul", 2 * m * k * n, k * n * w_bytes + (m * k + m * n) * a_bytes, count, kernels)
 
 
 def decode_ops(cfg: ModelConfig, batch: int, context: int, weight_dtype: str = "bf16",
-               kv_dtype: str = "bf16", act_dtype: str = "bf16") -> list[Op]:
-    """One decode step: `batch` new tokens attending to `context` cached positions each."""
+               kv_dtype: str = "bf16", act_dtype: str = "bf16", kv_copies: int = 0) -> list[Op]:
+    """One decode step: `batch` new tokens attending to `context` cached positions each.
+
+    `context` is the cache length attention reads (tpustack reads every slot of its
+    bucketed cache, masking the unused ones). `kv_copies`: extra passes the attention
+    makes over K and V, each a read and a write (the XLA path on CPU copies both into
+    head-major layout every layer: 1; with the decode kernel (TPU / GPU): 0).
+    `kernels` is the fewest separate ops each entry needs (one per matmul, one per fused
+    elementwise group); XLA CPU runs more (see docs/benchmarks.md).
+    """
     w, kv, a = _BYTES[weight_dtype], _BYTES[kv_dtype], _BYTES[act_dtype]
-    d, f, h = cfg.d_model, cfg.ffn_dim, cfg.heads_dim
+    d, f, h, v = cfg.d_model, cfg.ffn_dim, cfg.heads_dim, cfg.vocab_size
     n, k, layers, m = cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, batch
     kv_read = 2 * m * context * k * h * kv  # this layer's K and V for every sequence
-    return [
+    ops = [
         Op("embed lookup", "elementwise", 0, m * d * (w + a), 1),
-        Op("rmsnorm x2", "elementwise", 2 * 4 * m * d, 2 * (2 * m * d * a + d * w), layers),
+        Op("rmsnorm x2", "elementwise", 2 * 4 * m * d, 2 * (2 * m * d * a + d * w), layers, 2),
         _matmul("q proj", m, d, n * h, w, a, layers),
-        _matmul("k+v proj", m, d, 2 * k * h, w, a, layers),
+        _matmul("k+v proj", m, d, 2 * k * h, w, a, layers, 2),
+        Op("rope (q, k)", "elementwise", 3 * m * (n + k) * h, 2 * m * (n + k) * h * a, layers),
+        Op("kv cache write", "elementwise", 0, 2 * m * k * h * (a + kv), layers, 2),
         Op("attention (QK, softmax, PV)", "attention", 4 * m * n * h * context + 5 * m * n * context,
-           kv_read + 2 * m * n * h * a, layers),
+           kv_read + 2 * m * n * h * a, layers, 3),
+    ]
+    if kv_copies:
+        ops.append(Op("kv relayout (copy K, V)", "elementwise", 0, kv_copies * 2 * kv_read, layers, 2 * kv_copies))
+    return ops + [
         _matmul("o proj", m, n * h, d, w, a, layers),
-        _matmul("mlp gate+up", m, d, 2 * f, w, a, layers),
+        Op("residual add x2", "elementwise", 2 * m * d, 2 * 3 * m * d * a, layers, 2),
+        _matmul("mlp gate+up", m, d, 2 * f, w, a, layers, 2),
         Op("silu * up", "elementwise", 5 * m * f, 3 * m * f * a, layers),
         _matmul("mlp down", m, f, d, w, a, layers),
-        _matmul("lm head", m, d, cfg.vocab_size, w, a, 1),
+        Op("final rmsnorm", "elementwise", 4 * m * d, 2 * m * d * a + d * w, 1),
+        _matmul("lm head", m, d, v, w, a, 1),
+        Op("sampling (argmax)", "elementwise", m * v, m * v * 4, 1),
     ]
 
 
@@ -109,13 +148,18 @@ def train_ops(cfg: ModelConfig, batch: int, seq_len: int, dtype: str = "bf16") -
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     ops: list[Op]
-    seconds: float
+    seconds: float  # the roofline ceiling: every op at min(P, I x B)
     tokens: int
     model_flops: float  # the useful FLOPs of the step (for MFU)
+    predicted_seconds: float = 0.0  # the prediction: cold-stream bandwidth plus per-op latency
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def predicted_tokens_per_s(self) -> float:
+        return self.tokens / self.predicted_seconds
 
     def mfu(self, chip: Chip) -> float:
         """The MFU ceiling: useful FLOP/s at the roofline time over the chip's peak."""
@@ -123,10 +167,11 @@ class Prediction:
 
 
 def predict(ops: list[Op], chip: Chip, tokens: int) -> Prediction:
-    """Sum the roofline times of ops; tokens is how many tokens the step produces."""
+    """Sum the roofline times (and the predicted times) of ops; tokens is how many tokens the
+    step produces."""
     seconds = sum(op_time(op, chip) for op in ops)
     flops = sum(op.flops * op.count for op in ops)
-    return Prediction(ops, seconds, tokens, flops)
+    return Prediction(ops, seconds, tokens, flops, sum(op_predicted(op, chip) for op in ops))
 
 
 def plot(pred: Prediction, chip: Chip, path: str, title: str = "") -> None:
