@@ -31,6 +31,24 @@ CASES = [
 ]
 
 
+def markdown(rows: list[dict]) -> str:
+    out = ["| config | topology | layout | batch | attention | XLA GB/chip | estimate GB | err | HBM GB | fits "
+           "| FLOPs/chip/step | compile s |", "|" + "---|" * 12]
+    for r in rows:
+        layout = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) + f", ZeRO-{r['zero_stage']}"
+        attention = r["overrides"].get("model.attention_impl", "xla (einsum)")
+        head = f"| {r['config']} | {r['topology']} | {layout} | {r['overrides']['train.batch_size']} | {attention} "
+        if r["compiled"]:
+            err = r["estimate_total_bytes"] / r["xla_total_bytes"] - 1
+            out.append(head + f"| {r['xla_total_bytes'] / 1e9:.2f} | {r['estimate_total_bytes'] / 1e9:.2f} | {err:+.1%} "
+                       f"| {r['hbm_bytes'] / 1e9:.1f} | yes | {r['flops_per_step_per_chip']:.3e} | {r['compile_s']} |")
+        else:
+            out.append(head + f"| > HBM (temporaries alone {r['xla_temp_bytes'] / 2**30:.2f} GiB) "
+                       f"| {r['estimate_total_bytes'] / 1e9:.2f} | - | {r['hbm_bytes'] / 1e9:.1f} "
+                       f"| **no** (RESOURCE_EXHAUSTED) | - | {r['compile_s']} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/compile_check.json")
@@ -55,6 +73,7 @@ def main() -> None:
         print(f"{r['config']:10s} {topo:10s} mesh {r['mesh']} XLA {r['xla_total_bytes'] / 1e9:6.2f} GB/chip "
               f"est {r['estimate_total_bytes'] / 1e9:6.2f} GB  HBM {r['hbm_bytes'] / 1e9:5.1f} GB "
               f"fits={r['fits']}  {r['flops_per_step_per_chip']:.3e} FLOPs/chip  {r['compile_s']} s", flush=True)
+    print(markdown(rows))
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

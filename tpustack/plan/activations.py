@@ -59,16 +59,27 @@ def layer_residuals(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 
         # k and v as [B, K, S, H], the attention output [B*T, N*H] (the o projection's input)
         ("q", (b, k, g * t, h), m), ("k", (b, k, t, h), m), ("v", (b, k, t, h), m),
         ("attention out", (b * t, k * g * h), m),
-        # softmax output [B, K, G, T, S] in f32 (the softmax gradient) and its
-        # [B, K, G*T, S] copy that the PV einsum reads (m; a layout copy even under f32 CPU)
-        ("probs", (b, k, g, t, t), 4), ("probs (PV operand)", (b, k, g * t, t), m),
         # gate, up, sigmoid(gate), 1 - sigmoid (the logistic's derivative), silu(gate),
         # and silu(gate) * up flattened to [B*T, F] (the down projection's input, m)
         *[("mlp", (b, t, f), c)] * 5, ("mlp out", (b * t, f), m),
-        # f32 statistics: two rsqrt(mean(x^2)) [B, T, 1] per norm (forward and its
-        # derivative) and the softmax's row max and row sum [B, K, G, T, 1]
-        *[("norm stats", (b, t, 1), 4)] * 4, *[("softmax stats", (b, k, g, t, 1), 4)] * 2,
-    ]
+        # f32 statistics: two rsqrt(mean(x^2)) [B, T, 1] per norm (forward and its derivative)
+        *[("norm stats", (b, t, 1), 4)] * 4,
+    ] + ([
+        # flash attention (tpustack.kernels, custom_vjp): the kernel keeps only the
+        # log-sum-exp of each row, f32 [B, N, T]; probabilities live in VMEM tiles
+        ("flash lse", (b, k * g, t), 4),
+    ] if flash_attention(cfg, backend) else [
+        # softmax output [B, K, G, T, S] in f32 (the softmax gradient) and its
+        # [B, K, G*T, S] copy that the PV einsum reads (m; a layout copy even under f32 CPU),
+        # and the softmax's row max and row sum [B, K, G, T, 1] in f32
+        ("probs", (b, k, g, t, t), 4), ("probs (PV operand)", (b, k, g * t, t), m),
+        *[("softmax stats", (b, k, g, t, 1), 4)] * 2,
+    ])
+
+
+def flash_attention(cfg: ModelConfig, backend: str) -> bool:
+    """Whether the step's attention is the Pallas flash kernel (model/layers.use_kernels)."""
+    return cfg.attention_impl == "pallas" or (cfg.attention_impl == "auto" and backend != "cpu")
 
 
 def _sum(buffers, backend: str) -> float:
@@ -95,7 +106,10 @@ def mlp_cotangent_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: in
 
 def probs_cotangent_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1,
                           backend: str = "cpu") -> float:
-    """The attention backward's dP = dO V^T, [B, K, G*T, S] as the PV einsum's operand."""
+    """The attention backward's dP = dO V^T, [B, K, G*T, S] as the PV einsum's operand
+    (none under flash attention, whose backward recomputes it tile by tile in VMEM)."""
+    if flash_attention(cfg, backend):
+        return 0.0
     k, g = -(-cfg.num_kv_heads // tensor), cfg.num_heads // cfg.num_kv_heads
     return buffer_bytes((b, k, g * t, t), matmul_operand_bytes(dtype, backend), backend)
 
