@@ -115,7 +115,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     slice_index; CPU and virtual devices are cut into slices in order.
     """
     devices = list(devices if devices is not None else jax.devices())
-    ici, dcn = mesh_layout(cfg, len(devices))
+    try:
+        ici, dcn = mesh_layout(cfg, len(devices))
+    except UserError as e:
+        if devices[0].platform == "cpu":  # the usual cause on a laptop or CI machine
+            raise UserError(f"{e} (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                            f"emulates N devices)") from None
+        raise
     ici_shape = tuple(ici[a] for a in MESH_AXES)
     dcn_shape = tuple(dcn[a] for a in MESH_AXES)
     if math.prod(dcn_shape) > 1:
