@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from . import compat, flash_attention_gpu as fgpu, flash_attention_tpu as ftpu
 from ._dispatch import choose

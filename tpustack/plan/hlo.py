@@ -23,7 +23,6 @@ _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
 _OP = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.+?) (" + "|".join(KINDS) + r")(?:-start)?\((.*)$")
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 _WHILE = re.compile(r"\bwhile\(.*body=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
-_CALLS = re.compile(r"\b(?:to_apply|calls|body|condition|branch_computations|true_computation|false_computation)=")
 
 
 @dataclasses.dataclass(frozen=True)
