@@ -23,23 +23,18 @@ OVERRIDES = {"model.scan_layers": "True", "model.num_layers": "4", "train.batch_
 
 
 def measure(layout: str, remat: str = "none") -> dict:
-    from tpustack.config import load_config
     from tpustack.plan.comms import step_collective_bytes
-    from tpustack.plan.compiled import LAYOUT_OVERRIDES, LAYOUTS, compile_train_step_full, devices_for
+    from tpustack.plan.compiled import LAYOUTS, compile_train_step_full, devices_for, estimate_for, layout_config
     from tpustack.plan.hlo import collectives, summary
-    from tpustack.plan.memory import train_memory
 
     mesh, zero = LAYOUTS[layout]
-    ov = {**OVERRIDES, "model.remat_policy": remat, "parallel.zero_stage": str(zero),
-          **LAYOUT_OVERRIDES.get(layout, {}), **{f"mesh.{k}": str(v) for k, v in mesh.items()}}
-    config = load_config("configs/tiny.py", ov)
+    config = layout_config("configs/tiny.py", layout, remat, OVERRIDES)
     t0 = time.perf_counter()
     compiled = compile_train_step_full(config, devices_for("cpu"))
     seconds = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     t = config.train
-    est = train_memory(config.model, t.precision, mesh, zero, t.batch_size, t.seq_len, remat, backend="cpu",
-                       microbatches=config.parallel.microbatches, repeats=config.parallel.pipeline_repeats)
+    est = estimate_for(config, mesh, zero, "cpu")
     hlo = summary(collectives(compiled.as_text()))
     analytic = step_collective_bytes(config.model, mesh, zero, t.batch_size, t.seq_len, config.parallel.microbatches,
                                      repeats=config.parallel.pipeline_repeats)

@@ -176,36 +176,33 @@ def cold_stream(device, n: int, latency: float = 0.0, evict=None, total: float =
     [in, out] weight), every one evicted from the caches first, less `latency` per op. That
     is what decoding sees: one op after another, each streaming a weight read once per step,
     and a model's weights do not stay in cache from one step to the next."""
-    import jax
-    import jax.numpy as jnp
 
     count = max(1, int(total // (n * n * 4)))
-    weights = [jax.device_put(jnp.full((n, n), 1.0 / n, jnp.float32), device) for _ in range(count)]
-    x = jax.device_put(jnp.ones((1, n), jnp.float32), device)
-
-    def chain(ws, x):  # x stays all ones: no denormals, no overflow
-        for w in ws:
-            x = x @ w
-        return x
-
-    chain = jax.jit(chain)
+    run = _matmul_chain(device, n, count)
     evict = evict or _evictor(device)
-    chain(weights, x).block_until_ready()
     times = []
     for _ in range(repeats):
         evict()
-        times.append(_timed(lambda: chain(weights, x).block_until_ready()))
+        times.append(_timed(run))
     return n * n * 4 / max(min(times) / count - latency, 1e-9)
 
 
 def op_latency(device, count: int = 64, repeats: int = 10) -> float:
     """Seconds per op of a chain of dependent tiny matmuls ([1, 8] x [8, 8], all in L1): what
     the runtime spends to run one op, with no bytes or FLOPs to speak of."""
+    run = _matmul_chain(device, 8, count)
+    return min(_timed(run) for _ in range(repeats)) / count
+
+
+def _matmul_chain(device, n: int, count: int):
+    """A compiled, warmed-up x -> x @ W_i chain over `count` distinct f32 [n, n] weights
+    (x [1, n]); returns a function that runs it once and waits. Every W_i is 1/n: x stays
+    all ones (no denormals, no overflow)."""
     import jax
     import jax.numpy as jnp
 
-    weights = [jax.device_put(jnp.full((8, 8), 0.125, jnp.float32), device) for _ in range(count)]
-    x = jax.device_put(jnp.ones((1, 8), jnp.float32), device)
+    weights = [jax.device_put(jnp.full((n, n), 1.0 / n, jnp.float32), device) for _ in range(count)]
+    x = jax.device_put(jnp.ones((1, n), jnp.float32), device)
 
     def chain(ws, x):
         for w in ws:
@@ -214,7 +211,7 @@ def op_latency(device, count: int = 64, repeats: int = 10) -> float:
 
     chain = jax.jit(chain)
     chain(weights, x).block_until_ready()
-    return min(_timed(lambda: chain(weights, x).block_until_ready()) for _ in range(repeats)) / count
+    return lambda: chain(weights, x).block_until_ready()
 
 
 def _evictor(device):

@@ -75,19 +75,31 @@ def compile_train_step_full(config, devices: list) -> Any:
     return trainer.lower_train_step(config.train.batch_size, config.train.seq_len).compile()
 
 
-def check(config_path: str, backend: str, layout: str, remat: str, overrides: dict[str, str] | None = None,
-          devices: list | None = None) -> Row:
-    """One row: XLA's per-device argument / temp bytes beside the estimate's."""
+def layout_config(config_path: str, layout: str, remat: str, overrides: dict[str, str] | None = None):
+    """The config of `config_path` laid out as LAYOUTS[layout] (mesh, ZeRO stage, parallel.*)."""
     from tpustack.config import load_config
 
     mesh, stage = LAYOUTS[layout]
-    ov = {**(overrides or {}), "model.remat_policy": remat, "parallel.zero_stage": str(stage),
-          **LAYOUT_OVERRIDES.get(layout, {}), **{f"mesh.{k}": str(v) for k, v in mesh.items()}}
-    config = load_config(config_path, ov)
+    return load_config(config_path, {**(overrides or {}), "model.remat_policy": remat,
+                                     "parallel.zero_stage": str(stage), **LAYOUT_OVERRIDES.get(layout, {}),
+                                     **{f"mesh.{k}": str(v) for k, v in mesh.items()}})
+
+
+def estimate_for(config, mesh: dict[str, int], zero_stage: int, backend: str):
+    """tpustack.plan.memory's estimate of `config`'s train step on `mesh` (sizes per axis)."""
+    t, p = config.train, config.parallel
+    return train_memory(config.model, t.precision, mesh, zero_stage, t.batch_size, t.seq_len,
+                        config.model.remat_policy, backend=backend, microbatches=p.microbatches,
+                        repeats=p.pipeline_repeats)
+
+
+def check(config_path: str, backend: str, layout: str, remat: str, overrides: dict[str, str] | None = None,
+          devices: list | None = None) -> Row:
+    """One row: XLA's per-device argument / temp bytes beside the estimate's."""
+    mesh, stage = LAYOUTS[layout]
+    config = layout_config(config_path, layout, remat, overrides)
     stats = compile_train_step(config, devices if devices is not None else devices_for(backend))
-    est = train_memory(config.model, config.train.precision, mesh, stage, config.train.batch_size,
-                       config.train.seq_len, remat, backend=backend, microbatches=config.parallel.microbatches,
-                       repeats=config.parallel.pipeline_repeats)
+    est = estimate_for(config, mesh, stage, backend)
     return Row(config.name, backend, layout, remat, stage, float(stats.argument_size_in_bytes),
                float(stats.temp_size_in_bytes), est.state + est.batch,
                est.grads + est.compute_copy + est.activations)
@@ -121,9 +133,7 @@ def compile_check(config, topology: str) -> dict[str, Any]:
     devices = devices_for("tpu", topology)
     mesh = mesh_shape(config.mesh, len(devices))
     stage = config.parallel.zero_stage if mesh["fsdp"] > 1 else 0
-    est = train_memory(config.model, config.train.precision, mesh, stage, config.train.batch_size,
-                       config.train.seq_len, config.model.remat_policy, backend="tpu",
-                       microbatches=config.parallel.microbatches, repeats=config.parallel.pipeline_repeats)
+    est = estimate_for(config, mesh, stage, "tpu")
     generation = topology.split(":")[0]
     hbm = chip(generation).hbm_bytes if generation in ("v4", "v5e", "v5p", "v6e") else 0.0
     report = {"config": config.name, "topology": topology, "chips": len(devices), "mesh": mesh, "zero_stage": stage,

@@ -277,8 +277,9 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         # GPipe (model/transformer.py `gpipe`), beyond the activations:
         per_stage = cfg.num_layers // stages
         stage_layers = [p for p in table if p.axes and p.axes[0] == "layers"]
-        # Each backward tick computes one layer's weight gradients (whole over fsdp) and
-        # reduces them over data / fsdp into a second buffer before accumulating.
+        # Each backward tick computes one layer's weight gradients (whole over fsdp) and adds
+        # them into its batch shard's accumulator (gpipe's per-shard weight views): two
+        # layer-sized buffers live together.
         tick_grads = 2 * tree_bytes(layer, master_b, mesh, zero_sharded=False, backend=backend)
         if (remat or cfg.remat_policy) == "none":  # live beside the layer's residual slices
             peak += tick_grads

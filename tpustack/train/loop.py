@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from tpustack.checkpoint import Checkpointer
-from tpustack.config import Config
+from tpustack.config import Config, MeshConfig
 from tpustack.data import Batcher, load_tokenizer, load_tokens
 from tpustack.errors import UserError
 from tpustack.mesh import batch_divisor, make_mesh, rules_for
@@ -201,9 +201,8 @@ def load_trained(workdir: str, mesh_overrides: dict[str, Any] | None = None,
     """
     ckpt = Checkpointer(workdir, read_only=True)
     config = ckpt.config()
-    whole_slice = {"data": 1, "stage": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_stage": 1, "dcn_fsdp": 1,
-                   "dcn_tensor": 1}
-    mesh_cfg = dataclasses.replace(config.mesh, **{**whole_slice, **(mesh_overrides or {})})
+    # MeshConfig's defaults are FSDP over every device of one slice; only the rules table carries over
+    mesh_cfg = dataclasses.replace(MeshConfig(rules=config.mesh.rules), **(mesh_overrides or {}))
     config = dataclasses.replace(config, mesh=mesh_cfg)
     trainer = make_trainer(config, make_mesh(config.mesh, devices))
     state = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
