@@ -14,7 +14,9 @@ from tpustack.errors import UserError  # noqa: E402
 from tpustack.interop import hf  # noqa: E402
 from tpustack.model.transformer import Decoder  # noqa: E402
 
-TOL = 1e-4
+# f32 logits: max |ours - transformers| / max |transformers' logit| (README states this bound).
+# Measured 4.4e-7 .. 8.0e-7 over these cases (largest abs difference 2.3e-6, logits up to ~4).
+TOL = 1e-6
 CASES = {
     "gqa_untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                        rope_theta=50000.0, vocab_size=131),
