@@ -26,3 +26,42 @@ def random_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab, (batch, length + 1)).astype(np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+# A topology every libtpu release knows: probing it involves no tpustack code, so an error
+# from it means libtpu itself cannot serve virtual TPU devices here.
+LIBTPU_PROBE_TOPOLOGY = "v5e:2x2"
+
+
+def libtpu_unusable() -> str | None:
+    """Why libtpu's virtual TPU topologies are unavailable here, or None when they work.
+
+    Only a missing libtpu (ImportError, or jax finding no TPU library) and jax's error when
+    libtpu fails to load or initialise (a broken library, a busy lockfile) count; anything
+    else propagates, so a bug fails its test instead of skipping it.
+    """
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        return f"libtpu not installed (pip install -e '.[tpu]'): {e}"
+    import jax
+    from jax.experimental import topologies
+
+    try:
+        topologies.get_topology_desc(platform="tpu", topology_name=LIBTPU_PROBE_TOPOLOGY)
+    except jax.errors.JaxRuntimeError as e:  # raised by loading / initialising the TPU plugin
+        return f"libtpu cannot initialise a virtual {LIBTPU_PROBE_TOPOLOGY}: {e}"
+    except RuntimeError as e:
+        if "TPU support not installed" in str(e):  # jax's message when it finds no libtpu
+            return f"libtpu not found by jax: {e}"
+        raise
+    return None
+
+
+def require_libtpu() -> None:
+    """Skip the calling test (or, at import, the module) when libtpu_unusable() says why."""
+    import pytest
+
+    why = libtpu_unusable()
+    if why is not None:
+        pytest.skip(why, allow_module_level=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax
 import pytest
 
-from tpustack.plan.compiled import check, devices_for
+from helpers import require_libtpu
+from tpustack.train.aot import check, devices_for
 
 SCANNED = {"model.scan_layers": "True", "train.batch_size": "16", "train.seq_len": "64"}
 
@@ -30,11 +31,8 @@ def test_cpu_scanned_rows(layout, remat):
 
 
 def test_tpu_row_with_tile_padding():
-    pytest.importorskip("libtpu")
-    try:
-        devices = devices_for("tpu", "v5p:2x2x2")
-    except Exception as e:  # noqa: BLE001 - no TPU backend in this jax build / lockfile busy
-        pytest.skip(f"virtual TPU topology unavailable: {e}")
+    require_libtpu()  # skips only a missing or unusable libtpu; any other error fails
+    devices = devices_for("tpu", "v5p:2x2x2")
     row = check("configs/tiny.py", "tpu", "fsdp8", "nothing_saveable", SCANNED, devices=devices)
     args, _, total = row.errors()
     # tiny's narrow dims pad on TPU (e.g. head_dim 32 -> 128, d_model 192 -> 256): without

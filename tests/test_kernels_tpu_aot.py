@@ -12,18 +12,10 @@ import pytest
 # libtpu takes a machine-wide lock file; compile-only use is safe beside another process.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+from helpers import require_libtpu  # noqa: E402
 from tpustack.kernels import aot  # noqa: E402
 
-
-def _libtpu_ok() -> bool:
-    try:
-        aot.topology(aot.TOPOLOGIES["v5e"])
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: no usable libtpu here
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _libtpu_ok(), reason="libtpu not installed (pip install .[tpu])")
+require_libtpu()  # skips only a missing or unusable libtpu; any other error fails
 UNSUPPORTED = {("w8a8_matmul", "v4")}  # Mosaic: no int8 MXU operands before v5
 KERNELS = list(aot.cases(jnp.float32))
 
