@@ -7,6 +7,12 @@
    causal; peak temp bytes at S = 16k; decode attention vs XLA; int8 / int4 matmul vs
    a bf16 jnp.dot at decode shapes. A ratio table is printed last; JSON goes to --out.
 
+The JSON is rewritten after every measurement, so a timeout or a crash keeps what was
+measured ("status" says how far it got). Exit status: 0 when every check ran and passed and
+none of tpustack's own measurements raised; 1 when a check failed, raised or never ran, or
+one of ours raised (a peer's error, e.g. cuDNN refusing a shape, is recorded, not fatal);
+2 when there is no GPU and no --dry-run. The reasons print after the table.
+
 --dry-run runs the same code on CPU at tiny shapes with the kernels interpreted: it
 proves the script parses, imports and produces its table, not any figure.
 """
@@ -30,7 +36,25 @@ from tpustack.kernels import (decode_attention, flash_attention, int4_matmul, in
                               reference as R)
 
 DEADLINE = [float("inf")]
-RESULTS: dict = {"checks": [], "timings": [], "limits": {}, "memory": [], "errors": []}
+RESULTS: dict = {"status": "starting", "checks": [], "timings": [], "limits": {}, "memory": [], "errors": []}
+JSON_PATH = [None]  # where save() writes; set by main
+CHECKS = ("flash", "decode", "decode_int8", "paged", "matmul")  # every one must run and pass
+PEERS = ("cudnn", "xla", "jax_pallas", "bf16 dot")  # their failures are recorded, not fatal
+
+
+def save() -> None:
+    """Rewrite the JSON with everything measured so far (atomically: a kill leaves a whole file)."""
+    if JSON_PATH[0] is None:
+        return
+    tmp = JSON_PATH[0] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    os.replace(tmp, JSON_PATH[0])
+
+
+def record(section: str, entry: dict) -> None:
+    RESULTS[section].append(entry)
+    save()
 
 
 def median_time(fn, *args, reps: int = 10, warmup: int = 2) -> float:
@@ -45,15 +69,15 @@ def median_time(fn, *args, reps: int = 10, warmup: int = 2) -> float:
     return statistics.median(ts)
 
 
-def guarded(label: str, fn):
-    """Run fn, record an error instead of dying; skip once past the time budget."""
+def guarded(label: str, fn, fatal: bool = True):
+    """Run fn, record an error (fatal: it fails the run) instead of dying; skip once past the time budget."""
     if time.time() > DEADLINE[0]:
-        RESULTS["errors"].append({"what": label, "error": "skipped: time budget"})
+        record("errors", {"what": label, "error": "skipped: time budget", "fatal": False})
         return None
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
-        RESULTS["errors"].append({"what": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        record("errors", {"what": label, "error": f"{type(e).__name__}: {str(e)[:300]}", "fatal": fatal})
         traceback.print_exc(limit=2)
         return None
 
@@ -64,11 +88,13 @@ def limits(small: bool) -> None:
     copy = jax.jit(lambda x: x * 1 + 1)
     t = median_time(copy, x)
     RESULTS["limits"]["copy_GBps"] = 2 * x.nbytes / t / 1e9
+    save()
     m = 256 if small else 8192
     a = jnp.ones((m, m), jnp.bfloat16)
     dot = jax.jit(lambda a: a @ a)
     t = median_time(dot, a)
     RESULTS["limits"]["bf16_matmul_TFLOPs"] = 2 * m ** 3 / t / 1e12
+    save()
 
 
 def _err(a, b) -> float:
@@ -127,11 +153,17 @@ def checks(small: bool, interpret: bool) -> None:
         e4 = _err(int4_matmul(x, p4, s4, **kw), R.int4_matmul_reference(x, p4, s4))
         return {"kernel": "int8/int4 matmul bf16", "max_err": max(e8, e4), "ok": max(e8, e4) < 0.1}
 
-    for name, fn in [("flash", flash), ("decode", decode), ("decode_int8", decode8), ("paged", paged), ("matmul", mm)]:
+    fns = {"flash": flash, "decode": decode, "decode_int8": decode8, "paged": paged, "matmul": mm}
+    assert tuple(fns) == CHECKS
+    for name, fn in fns.items():
         res = guarded(f"check {name}", fn)
-        if res:
-            RESULTS["checks"].append(res)
-            print(f"check {res['kernel']:32s} max_err={res['max_err']:.3e} {'ok' if res['ok'] else 'FAIL'}", flush=True)
+        if res is None:  # it raised (or the budget ran out): a check that did not pass
+            why = RESULTS["errors"][-1]["error"]
+            record("checks", {"check": name, "kernel": name, "max_err": None, "ok": False, "error": why})
+            print(f"check {name:32s} FAIL: {why}", flush=True)
+            continue
+        record("checks", {"check": name, **res})
+        print(f"check {res['kernel']:32s} max_err={res['max_err']:.3e} {'ok' if res['ok'] else 'FAIL'}", flush=True)
 
 
 def _attention_impls(interpret: bool):
@@ -156,17 +188,18 @@ def time_attention(small: bool, interpret: bool) -> None:
             fwd = jax.jit(f)
             grad = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
             for mode, fn, fl in (("fwd", fwd, flops), ("fwd+bwd", grad, 3.5 * flops)):
-                t = guarded(f"attention {name} {mode} S={S}", lambda: median_time(fn, q, q, q, reps=3 if small else 10))
+                t = guarded(f"attention {name} {mode} S={S}", lambda: median_time(fn, q, q, q, reps=3 if small else 10),
+                            fatal=name not in PEERS)
                 if t is not None:
-                    RESULTS["timings"].append({"op": f"attention {mode}", "S": S, "B": B, "impl": name,
-                                               "ms": t * 1e3, "TFLOPs": fl / t / 1e12})
+                    record("timings", {"op": f"attention {mode}", "S": S, "B": B, "impl": name,
+                                       "ms": t * 1e3, "TFLOPs": fl / t / 1e12})
                     print(f"attention {mode:8s} S={S:6d} {name:10s} {t * 1e3:9.3f} ms {fl / t / 1e12:7.1f} TFLOP/s", flush=True)
             if S == seqs[-1]:  # O(S) memory: compiled temp bytes for the longest sequence
                 def mem(grad=grad):
                     c = grad.lower(q, q, q).compile()
                     return int(c.memory_analysis().temp_size_in_bytes)
-                b = guarded(f"memory {name} S={S}", mem)
-                RESULTS["memory"].append({"impl": name, "S": S, "temp_bytes": b})
+                b = guarded(f"memory {name} S={S}", mem, fatal=name not in PEERS)
+                record("memory", {"impl": name, "S": S, "temp_bytes": b})
 
 
 def time_decode(small: bool, interpret: bool) -> None:
@@ -178,9 +211,10 @@ def time_decode(small: bool, interpret: bool) -> None:
     nbytes = 2 * k.nbytes
     for name, impl in (("tpustack", "pallas"), ("xla", "xla")):
         fn = jax.jit(lambda q, k, v, n, impl=impl: decode_attention(q, k, v, n, impl=impl, platform="gpu", interpret=interpret))
-        t = guarded(f"decode {name}", lambda: median_time(fn, q, k, k, lens, reps=3 if small else 20))
+        t = guarded(f"decode {name}", lambda: median_time(fn, q, k, k, lens, reps=3 if small else 20),
+                    fatal=name not in PEERS)
         if t is not None:
-            RESULTS["timings"].append({"op": "decode attention", "S": S, "B": B, "impl": name, "ms": t * 1e3, "GBps": nbytes / t / 1e9})
+            record("timings", {"op": "decode attention", "S": S, "B": B, "impl": name, "ms": t * 1e3, "GBps": nbytes / t / 1e9})
             print(f"decode   B={B} S={S} {name:10s} {t * 1e3:9.3f} ms {nbytes / t / 1e9:8.1f} GB/s", flush=True)
 
 
@@ -198,9 +232,10 @@ def time_matmul(small: bool, interpret: bool) -> None:
                     "int8": (jax.jit(lambda x, w, s: int8_matmul(x, w, s, impl="pallas", platform="gpu", interpret=interpret)), (x, q8, s8), q8.nbytes),
                     "int4": (jax.jit(lambda x, w, s: int4_matmul(x, w, s, impl="pallas", platform="gpu", interpret=interpret)), (x, p4, s4), p4.nbytes)}
             for name, (fn, args, nb) in runs.items():
-                t = guarded(f"matmul {name} M={M} D={D}", lambda: median_time(fn, *args, reps=3 if small else 20))
+                t = guarded(f"matmul {name} M={M} D={D}", lambda: median_time(fn, *args, reps=3 if small else 20),
+                            fatal=name not in PEERS)
                 if t is not None:
-                    RESULTS["timings"].append({"op": "matmul", "M": M, "D": D, "impl": name, "ms": t * 1e3, "GBps": nb / t / 1e9})
+                    record("timings", {"op": "matmul", "M": M, "D": D, "impl": name, "ms": t * 1e3, "GBps": nb / t / 1e9})
                     print(f"matmul   M={M:2d} K=N={D} {name:8s} {t * 1e3:9.3f} ms {nb / t / 1e9:8.1f} GB/s(weights)", flush=True)
 
 
@@ -231,9 +266,21 @@ def ratio_table() -> str:
     for m in RESULTS["memory"]:
         b = m["temp_bytes"]
         lines.append(f"peak temp bytes fwd+bwd S={m['S']} {m['impl']:10s} {'n/a' if b is None else f'{b / 2**20:.0f} MiB'}")
-    bad = [c for c in RESULTS["checks"] if not c["ok"]]
-    lines.append(f"checks: {len(RESULTS['checks']) - len(bad)}/{len(RESULTS['checks'])} ok; errors: {len(RESULTS['errors'])}")
+    ok = [c for c in RESULTS["checks"] if c["ok"]]
+    fatal = sum(1 for e in RESULTS["errors"] if e.get("fatal"))
+    lines.append(f"checks: {len(ok)}/{len(CHECKS)} ok; errors: {len(RESULTS['errors'])} ({fatal} fatal)")
     return "\n".join(lines)
+
+
+def failures() -> list[str]:
+    """Why this run fails (empty: it passes): checks that failed, raised or never ran, and our own errors."""
+    ran = {c["check"]: c for c in RESULTS["checks"]}
+    out = [f"check {n} never ran" for n in CHECKS if n not in ran]
+    out += [f"check {n} failed: " + (c.get("error") or f"max_err {c['max_err']:.3e}")
+            for n, c in ran.items() if not c["ok"]]
+    out += [f"{e['what']}: {e['error']}" for e in RESULTS["errors"]
+            if e.get("fatal") and not e["what"].startswith("check ")]
+    return out
 
 
 def main(argv=None) -> int:
@@ -250,17 +297,26 @@ def main(argv=None) -> int:
     small = interpret = a.dry_run
     RESULTS.update(device=f"{dev.device_kind} ({dev.platform})", jax=jax.__version__, python=pyplatform.python_version(),
                    host=pyplatform.node(), dry_run=a.dry_run)
-    t0 = time.time()
-    for part in (lambda: limits(small), lambda: checks(small, interpret), lambda: time_attention(small, interpret),
-                 lambda: time_decode(small, interpret), lambda: time_matmul(small, interpret)):
-        guarded("part", part)
-    RESULTS["wall_s"] = time.time() - t0
     os.makedirs(a.out, exist_ok=True)
     name = "gpu_kernels_dry_run.json" if a.dry_run else f"gpu_kernels_{dev.device_kind.replace(' ', '_')}.json"
-    with open(os.path.join(a.out, name), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
+    JSON_PATH[0] = os.path.join(a.out, name)
+    t0 = time.time()
+    for part_name, part in (("limits", lambda: limits(small)), ("checks", lambda: checks(small, interpret)),
+                            ("attention", lambda: time_attention(small, interpret)),
+                            ("decode", lambda: time_decode(small, interpret)),
+                            ("matmul", lambda: time_matmul(small, interpret))):
+        RESULTS["status"] = f"running {part_name}"
+        save()
+        guarded(f"part {part_name}", part)
+    RESULTS["wall_s"] = time.time() - t0
+    why = failures()
+    RESULTS.update(status="done", failures=why, exit_code=1 if why else 0)
+    save()
     print(ratio_table())
-    return 0 if all(c["ok"] for c in RESULTS["checks"]) else 1
+    print(f"wrote {JSON_PATH[0]}")
+    if why:
+        print("FAILED:\n  " + "\n  ".join(why), flush=True)
+    return 1 if why else 0
 
 
 if __name__ == "__main__":

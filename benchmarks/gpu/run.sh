@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One GPU run (H100/H200, jax 0.11.x, no network): check every GPU kernel against its
 # reference, then time them against cuDNN / XLA / jax's bundled Pallas attention.
-# At most ~8 minutes; logs and JSON under $OUT; the ratio table prints last.
+# At most ~8 minutes; logs and JSON under $OUT (the JSON is rewritten after every
+# measurement, so a timeout keeps what was measured); the ratio table prints last.
+# Exit status is bench.py's: 0 all checks passed, 1 a check (or one of our kernels) failed,
+# 2 no GPU without --dry-run, 124 killed by the timeout.
 #   OUT=/tmp/out benchmarks/gpu/run.sh            # on the GPU machine
 #   benchmarks/gpu/run.sh --dry-run               # anywhere: CPU, tiny shapes, interpreted
 set -euo pipefail
@@ -25,5 +28,14 @@ fi
 if command -v nvidia-smi >/dev/null; then nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true; fi
 # Leave the card's settings alone; keep XLA from grabbing 75% up front so peak memory is real.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# --budget-s stops starting new timings after 400 s; the timeout is the hard stop.
+set +e
 timeout 470 "$PY" benchmarks/gpu/bench.py --out "$OUT" --budget-s 400 "$@" 2>&1 | tee "$OUT/bench.log"
-exit "${PIPESTATUS[0]}"
+rc="${PIPESTATUS[0]}"
+set -e
+if [ "$rc" = 124 ]; then
+  echo "run.sh: bench.py killed after 470 s; the JSON in $OUT holds what it measured" | tee -a "$OUT/bench.log" >&2
+elif [ "$rc" != 0 ]; then
+  echo "run.sh: bench.py exited $rc (see the reasons above and $OUT/bench.log)" >&2
+fi
+exit "$rc"
