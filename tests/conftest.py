@@ -12,3 +12,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# A local Cloud Storage emulator for gs:// tests (tests/gcs.py), started on first use.
+from gcs import gcs_bucket, gcs_emulator  # noqa: E402, F401

@@ -1,14 +1,22 @@
-"""Training metrics: FLOPs per token and MFU, TensorBoard scalars, a progress bar with ETA."""
+"""Training metrics: FLOPs per token and MFU, TensorBoard scalars, a progress bar with ETA.
+
+TensorBoard logs go to a local directory or a URL (gs://...). tensorboardX's own gs:// writer
+(google-cloud-storage) uploads again from `__del__` after `close()`, which hangs for two
+minutes at interpreter exit once the bucket is unreachable; event files on remote paths are
+written through tpustack.paths instead (`_RemoteEventFile`).
+"""
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import sys
+import threading
 from typing import Any
 
 import jax
 
+from tpustack import paths
 from tpustack.config import ModelConfig
 from tpustack.plan.chips import chip_for_device
 
@@ -36,6 +44,51 @@ def mfu(tokens_per_second: float, flops_token: float, peak: float) -> float:
     return tokens_per_second * flops_token / peak if peak > 0 else float("nan")
 
 
+class _RemoteEventFile:
+    """A TensorBoard event file on an object store: every flush rewrites the whole object.
+
+    Objects cannot be appended to; rewriting on each flush (every `flush_secs`) lets
+    TensorBoard follow a run while it trains. Scalars are ~50 bytes an event, so a file stays
+    small enough to rewrite.
+    """
+
+    def __init__(self, path: str):
+        self._path = path
+        self._buffer = io.BytesIO()
+        self._flushed = -1
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._buffer.write(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._buffer.tell() != self._flushed:
+                paths.write_bytes(self._path, self._buffer.getvalue())
+                self._flushed = self._buffer.tell()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _RemoteEventFiles:
+    """tensorboardX's writer-factory interface (open, directory_check) for remote logdirs."""
+
+    def open(self, path: str) -> _RemoteEventFile:
+        return _RemoteEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        paths.makedirs(path)
+
+
+def _register_remote_event_files(logdir: str) -> None:
+    from tensorboardX import record_writer
+
+    scheme = logdir.split("://", 1)[0]
+    record_writer.register_writer_factory(scheme, _RemoteEventFiles())
+
+
 class MetricsWriter:
     """TensorBoard scalars from process 0 only; other processes write nothing."""
 
@@ -44,8 +97,10 @@ class MetricsWriter:
         if logdir and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(logdir, exist_ok=True)
-            self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
+            if paths.is_remote(logdir):
+                _register_remote_event_files(logdir)
+            paths.makedirs(logdir)
+            self._writer = SummaryWriter(logdir=str(logdir), flush_secs=10)
 
     def scalars(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
         if self._writer is None:

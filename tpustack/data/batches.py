@@ -2,7 +2,8 @@
 
 Each row is a random window of the token stream, drawn from a generator seeded by
 (seed, split, step). Resuming needs no iterator state, and each host reads only the rows
-of its slice of the global batch.
+of its slice of the global batch: the stream may be an array, a np.memmap or a RangeTokens
+(a .bin on gs://), and only the windows a host indexes are read from disk or the network.
 """
 
 from __future__ import annotations

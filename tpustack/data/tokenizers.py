@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from tpustack import paths
 from tpustack.errors import UserError
 
 
@@ -26,13 +25,13 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers` tokenizer.json."""
+    """A Hugging Face `tokenizers` tokenizer.json, local or remote (read as text, no temp file)."""
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer
 
         self.name = path
-        self._tok = Tokenizer.from_file(path)
+        self._tok = Tokenizer.from_str(paths.read_bytes(path).decode("utf-8"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.bos_id = next((vocab[t] for t in ("<s>", "<|begin_of_text|>", "<bos>") if t in vocab), None)
@@ -47,10 +46,10 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str):
-    """`byte` or a path to a tokenizer.json (or a directory holding one)."""
+    """`byte` or a path or gs:// URL to a tokenizer.json (or a directory holding one)."""
     if spec == "byte":
         return ByteTokenizer()
-    path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
+    path = paths.join(spec, "tokenizer.json") if paths.isdir(spec) else spec
+    if not paths.isfile(path):
         raise UserError(f"config.data.tokenizer: no tokenizer.json at {spec!r}; use 'byte' or a path")
     return HFTokenizer(path)
