@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="substring filter on 'config topology'")
     args = ap.parse_args()
     from tpustack.config import load_config
-    from tpustack.plan.compiled import compile_check
+    from tpustack.train.aot import compile_check
 
     rows = []
     for path, topo, ov in CASES:

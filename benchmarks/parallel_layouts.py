@@ -1,6 +1,6 @@
 """Every parallel layout of the tiny model on 8 CPU devices: memory and collectives, measured vs modelled.
 
-For each layout in tpustack.plan.compiled.LAYOUTS (data, fsdp with ZeRO 0-3, tensor, stage
+For each layout in tpustack.plan.layouts.LAYOUTS (data, fsdp with ZeRO 0-3, tensor, stage
 and their mixes) the real train step is compiled once; from it come XLA's per-device bytes
 (arguments + temporaries) beside tpustack.plan.memory's estimate, and the bytes each
 collective moves per step read from the partitioned HLO (tpustack.plan.hlo) beside the
@@ -24,8 +24,9 @@ OVERRIDES = {"model.scan_layers": "True", "model.num_layers": "4", "train.batch_
 
 def measure(layout: str, remat: str = "none") -> dict:
     from tpustack.plan.comms import step_collective_bytes
-    from tpustack.plan.compiled import LAYOUTS, compile_train_step_full, devices_for, estimate_for, layout_config
     from tpustack.plan.hlo import collectives, summary
+    from tpustack.plan.layouts import LAYOUTS, estimate_for, layout_config
+    from tpustack.train.aot import compile_train_step_full, devices_for
 
     mesh, zero = LAYOUTS[layout]
     config = layout_config("configs/tiny.py", layout, remat, OVERRIDES)
@@ -59,7 +60,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from tpustack.plan.compiled import LAYOUTS
+    from tpustack.plan.layouts import LAYOUTS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/parallel_layouts.json")

@@ -1,18 +1,25 @@
 """tpustack.plan: the chapter's worked numbers exactly, the parameter table against the model,
 per-device state bytes against XLA's compiled memory analysis, roofline, cost and the CLI."""
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
+import jax
 import pytest
+from flax import linen as nn
 
 from tpustack.config import load_config
+from tpustack.dtypes import itemsize
+from tpustack.errors import UserError
+from tpustack.model import Decoder
 from tpustack.plan import cost, memory, roofline
 from tpustack.plan.chips import CHIPS, Chip, chip
-from tpustack.errors import UserError
+from tpustack.train.aot import check, devices_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cfg_path = lambda name: os.path.join(ROOT, "configs", name)  # noqa: E731
@@ -61,21 +68,37 @@ def test_speculative_and_cost():
 
 
 # ---------------------------------------------------------------- our layout
-@pytest.mark.parametrize("name,scan", [("tiny.py", False), ("tiny.py", True), ("bench_125m.py", False)])
-def test_param_table_matches_the_model(name, scan):
-    """plan.memory mirrors model/ without importing it: shapes and logical axes must agree."""
-    import jax
-    from flax import linen as nn
-    from tpustack.model import Decoder
-
-    m = load_config(cfg_path(name), {"model.scan_layers": str(scan)}).model
-    boxed = jax.eval_shape(lambda: Decoder(m).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32")))["params"]
+@pytest.mark.parametrize("scan", [False, True])
+def test_param_table_is_the_models_tree(scan):
+    """plan reads the parameter tree off the model: every leaf of its init, with its shape
+    and logical axes, summing to ModelConfig.num_params; weight_quant changes nothing."""
+    m = load_config(cfg_path("tiny.py"), {"model.scan_layers": str(scan)}).model
+    boxed = jax.eval_shape(lambda: Decoder(m).init(jax.random.key(0), jax.numpy.zeros((2, 8), "int32")))["params"]
     flat = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    got = {"/".join(str(getattr(k, "key", k)) for k in path).replace("block/", ""): (leaf.value.shape, leaf.names)
-           for path, leaf in flat}
-    want = {p.name: (p.shape, p.axes) for p in memory.param_table(m)}
-    assert got == want
-    assert sum(math.prod(s) for s, _ in want.values()) == m.num_params()
+    got = {"/".join(k.key for k in path): (leaf.value.shape, leaf.names) for path, leaf in flat}
+    table = memory.param_table(m)
+    assert {p.name: (p.shape, p.axes) for p in table} == got
+    assert sum(math.prod(p.shape) for p in table) == m.num_params()
+    assert all(p.axes[0] == "layers" for p in table if p.name.startswith("layers/")) and (
+        any(p.name.startswith("layers/") for p in table) == scan)
+    assert memory.param_table(dataclasses.replace(m, weight_quant="int8", attention_impl="pallas")) == table
+
+
+def test_param_table_of_a_70b_class_config_is_fast_and_counts_every_param():
+    m = dataclasses.replace(load_config(cfg_path("llama2_13b.py")).model, d_model=8192, num_layers=80,
+                            num_heads=64, num_kv_heads=8, ffn_dim=28672, vocab_size=32000, scan_layers=False)
+    start = time.perf_counter()
+    table = memory.param_table(m)  # 80 unrolled layers: eval_shape traces each once
+    assert time.perf_counter() - start < 30
+    assert sum(math.prod(p.shape) for p in table) == m.num_params() and len(table) == 80 * 9 + 3
+    assert memory.param_table(m) is table  # cached per config
+
+
+def test_one_dtype_table():
+    assert itemsize("bf16") == itemsize("bfloat16") == 2 and itemsize("f32") == itemsize("fp32") == 4
+    assert itemsize("int4") == 0.5 and itemsize("pred") == itemsize("s8") == 1
+    with pytest.raises(KeyError, match="unknown dtype"):
+        itemsize("float7")
 
 
 def test_zero_stages_of_our_layout():
@@ -107,8 +130,6 @@ def test_weights_formats_and_min_chips():
 @pytest.mark.parametrize("layout", ["data8", "fsdp8", "fsdp4xtensor2"])
 def test_state_bytes_match_xla_on_cpu(layout):
     """Weights + optimizer state + batch per device: the estimate equals XLA's argument bytes."""
-    from tpustack.plan.compiled import check
-
     row = check(cfg_path("tiny.py"), "cpu", layout, "nothing_saveable",
                 {"train.batch_size": "16", "train.seq_len": "32", "model.num_layers": "1"})
     assert abs(row.errors()[0]) < 0.001, row
@@ -116,8 +137,6 @@ def test_state_bytes_match_xla_on_cpu(layout):
 
 def test_state_bytes_match_xla_on_virtual_tpu():
     pytest.importorskip("libtpu")
-    from tpustack.plan.compiled import check, devices_for
-
     try:
         devices = devices_for("tpu", "v5p:2x2x2")
     except Exception as e:  # noqa: BLE001 - another process may hold libtpu's lockfile

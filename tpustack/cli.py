@@ -271,7 +271,7 @@ def cmd_compile_check(args, overrides) -> int:
     import json
 
     from tpustack.config import load_config
-    from tpustack.plan.compiled import compile_check
+    from tpustack.train.aot import compile_check
 
     try:
         import libtpu  # noqa: F401

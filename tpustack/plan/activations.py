@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from tpustack.config import ModelConfig
-from tpustack.plan.memory import buffer_bytes
-
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from tpustack.dtypes import itemsize
+from tpustack.plan.buffers import buffer_bytes
 
 
 def matmul_operand_bytes(dtype: str, backend: str) -> int:
@@ -25,7 +24,7 @@ def matmul_operand_bytes(dtype: str, backend: str) -> int:
     XLA converts each f32 operand to bf16 and that bf16 copy is the value autodiff saves
     (read off the TPU buffer assignment: bf16[L, b*T, D], bf16[L, b, K, G*T, H], ... under
     an f32 model)."""
-    return min(_BYTES[dtype], 2) if backend == "tpu" else activation_elem_bytes(dtype, backend)
+    return min(itemsize(dtype), 2) if backend == "tpu" else activation_elem_bytes(dtype, backend)
 
 
 def activation_elem_bytes(dtype: str, backend: str) -> int:
@@ -34,7 +33,7 @@ def activation_elem_bytes(dtype: str, backend: str) -> int:
     XLA CPU has no bf16/fp16 arithmetic: it upcasts those elementwise ops and dots to f32,
     and the f32 results are what autodiff keeps (read off the CPU buffer assignment of
     llama_1b under bf16: f32[L, b, T, F], f32[L, b, K, G*T, S], ...). TPU computes in bf16."""
-    return 4 if backend == "cpu" else _BYTES[dtype]
+    return 4 if backend == "cpu" else itemsize(dtype)
 
 
 def layer_residuals(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1,

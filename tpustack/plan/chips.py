@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import math
+import os
 import time
+
+import jax
+import jax.numpy as jnp
 
 from tpustack.errors import UserError
 
@@ -111,11 +116,6 @@ def chip_for_device(device) -> Chip:
 def measure_cpu() -> Chip:
     """Peak f32 matmul FLOP/s and streaming gemv bandwidth of this host, as XLA reaches them
     (all MFU needs; `measure_cpu_streams` adds what the roofline's prediction needs)."""
-    import os
-
-    import jax
-    import jax.numpy as jnp
-
     cpu = jax.devices("cpu")[0]
     n = 2048
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
@@ -139,8 +139,6 @@ def measure_cpu_streams() -> Chip:
     """measure_cpu's figures, measured afresh, plus the prediction's: the cold-stream bandwidth
     by op size (`cold_stream` at STREAM_SIZES) and the fixed cost of one op (`op_latency`).
     About 5 s; `tpustack estimate --chip cpu` uses it."""
-    import jax
-
     cpu = jax.devices("cpu")[0]
     base = measure_cpu.__wrapped__()
     latency, evict = op_latency(cpu), _evictor(cpu)
@@ -155,8 +153,6 @@ STREAM_SIZES = tuple(4 * n * n for n in (256, 512, 1024, 2048, 4096, 8192))  # f
 
 def last_level_cache_bytes() -> int:
     """The largest CPU cache this host reports (sysfs), or 256 MiB where it reports none."""
-    import glob
-
     sizes = []
     for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
@@ -198,9 +194,6 @@ def _matmul_chain(device, n: int, count: int):
     """A compiled, warmed-up x -> x @ W_i chain over `count` distinct f32 [n, n] weights
     (x [1, n]); returns a function that runs it once and waits. Every W_i is 1/n: x stays
     all ones (no denormals, no overflow)."""
-    import jax
-    import jax.numpy as jnp
-
     weights = [jax.device_put(jnp.full((n, n), 1.0 / n, jnp.float32), device) for _ in range(count)]
     x = jax.device_put(jnp.ones((1, n), jnp.float32), device)
 
@@ -216,9 +209,6 @@ def _matmul_chain(device, n: int, count: int):
 
 def _evictor(device):
     """A function that reads twice the last-level cache, pushing everything else out of it."""
-    import jax
-    import jax.numpy as jnp
-
     size = min(2 * last_level_cache_bytes(), 2**30) // 4
     buf = jax.device_put(jnp.ones((size,), jnp.float32), device)
     total = jax.jit(jnp.sum)

@@ -24,7 +24,8 @@ devices of one model replica hold between them).
 from __future__ import annotations
 
 from tpustack.config import ModelConfig
-from tpustack.plan.memory import DTYPE_BYTES, param_table, tree_bytes
+from tpustack.dtypes import itemsize
+from tpustack.plan.buffers import param_table, tree_bytes
 
 
 def _ar(n: int, x: float) -> float:
@@ -40,7 +41,7 @@ def step_collective_bytes(cfg: ModelConfig, mesh: dict[str, int], zero_stage: in
     """Bytes one device sends per step: {"data": ..., "tensor": ..., "stage": ...}."""
     data, fsdp = mesh.get("data", 1), mesh.get("fsdp", 1)
     tensor, stages = mesh.get("tensor", 1), mesh.get("stage", 1)
-    w = tree_bytes(param_table(cfg), DTYPE_BYTES[cfg.param_dtype], {"tensor": tensor, "stage": stages})
+    w = tree_bytes(param_table(cfg), itemsize(cfg.param_dtype), {"tensor": tensor, "stage": stages})
     out = {"data": 0.0, "tensor": 0.0, "stage": 0.0}
     # gradients and parameters across the data-parallel devices
     if zero_stage <= 1 or fsdp == 1:
@@ -56,7 +57,7 @@ def step_collective_bytes(cfg: ModelConfig, mesh: dict[str, int], zero_stage: in
         out["data"] += _ar(data, w / fsdp)
     # activations across tensor
     b = batch / (data * fsdp)
-    act = b * seq_len * cfg.d_model * DTYPE_BYTES[compute_dtype]
+    act = b * seq_len * cfg.d_model * itemsize(compute_dtype)
     if stages > 1:  # every tick runs each stage's L/(S V) layers on one microbatch (bubble ticks too)
         ticks = repeats * microbatches + stages - 1
         mb = act / microbatches

@@ -16,12 +16,13 @@ import dataclasses
 import math
 import re
 
+from tpustack.dtypes import HLO_NAMES, itemsize
+
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
 _OP = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.+?) (" + "|".join(KINDS) + r")(?:-start)?\((.*)$")
-_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(HLO_NAMES) + r")\[([\d,]*)\]")
 _WHILE = re.compile(r"\bwhile\(.*body=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
 
 
@@ -48,7 +49,7 @@ class Collective:
 
 
 def _array_bytes(text: str) -> float:
-    return sum(DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x) for d, dims in _ARRAY.findall(text))
+    return sum(itemsize(d) * math.prod(int(x) for x in dims.split(",") if x) for d, dims in _ARRAY.findall(text))
 
 
 def _group_size(line: str, kind: str) -> int:

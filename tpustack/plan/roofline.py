@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from tpustack.config import ModelConfig
-from tpustack.plan.chips import Chip
+import numpy as np
 
-_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1, "fp8": 1,
-          "int4": 0.5}
+from tpustack.config import ModelConfig
+from tpustack.dtypes import itemsize
+from tpustack.errors import UserError
+from tpustack.plan.chips import Chip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ def decode_ops(cfg: ModelConfig, batch: int, context: int, weight_dtype: str = "
     `kernels` is the fewest separate ops each entry needs (one per matmul, one per fused
     elementwise group); XLA CPU runs more (see docs/benchmarks.md).
     """
-    w, kv, a = _BYTES[weight_dtype], _BYTES[kv_dtype], _BYTES[act_dtype]
+    w, kv, a = itemsize(weight_dtype), itemsize(kv_dtype), itemsize(act_dtype)
     d, f, h, v = cfg.d_model, cfg.ffn_dim, cfg.heads_dim, cfg.vocab_size
     n, k, layers, m = cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, batch
     kv_read = 2 * m * context * k * h * kv  # this layer's K and V for every sequence
@@ -118,7 +119,7 @@ def decode_ops(cfg: ModelConfig, batch: int, context: int, weight_dtype: str = "
 
 def train_ops(cfg: ModelConfig, batch: int, seq_len: int, dtype: str = "bf16") -> list[Op]:
     """One training step (forward + backward) on `batch` sequences of `seq_len` tokens."""
-    c = _BYTES[dtype]
+    c = itemsize(dtype)
     d, f, h = cfg.d_model, cfg.ffn_dim, cfg.heads_dim
     n, k, layers, t = cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, seq_len
     m = batch * t
@@ -176,15 +177,13 @@ def predict(ops: list[Op], chip: Chip, tokens: int) -> Prediction:
 
 def plot(pred: Prediction, chip: Chip, path: str, title: str = "") -> None:
     """Write a log-log roofline PNG with each op placed at (intensity, achieved FLOP/s)."""
+    # matplotlib is an optional extra (tpustack[plot]): imported here, where it is needed
     try:
         import matplotlib
     except ImportError:
-        from tpustack.errors import UserError
-
         raise UserError("--plot needs matplotlib: pip install 'tpustack[plot]'") from None
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot: no display on a server
     import matplotlib.pyplot as plt
-    import numpy as np
 
     p, bw = chip.peak_flops, chip.hbm_bandwidth
     ridge = break_even(p, bw)
