@@ -1,8 +1,7 @@
 """Decode timing: TTFT, TPOT (as vLLM defines it), tokens/s, acceptance, cost per token.
 
 TTFT is the prefill plus the first sampled token. TPOT = (end-to-end - TTFT) /
-(output tokens - 1). Cost per million output tokens = $/hour / (3600 * tokens/s) * 1e6
-(chapter 30.5).
+(output tokens - 1). Cost per million output tokens: tpustack.plan.cost.cost_per_million.
 """
 
 from __future__ import annotations
@@ -14,10 +13,6 @@ import numpy as np
 
 from tpustack.infer.decode import Generator
 from tpustack.infer.sampling import SamplingParams, stack_params
-
-
-def cost_per_million_tokens(dollars_per_hour: float, tokens_per_second: float) -> float:
-    return dollars_per_hour / (3600.0 * tokens_per_second) * 1e6
 
 
 def time_generation(gen: Generator, prompts: list[list[int]], new_tokens: int,
