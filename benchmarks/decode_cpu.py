@@ -3,7 +3,11 @@
     python benchmarks/decode_cpu.py [--repeats 3] [--prompt-len 128 --new-tokens 128]
 
 The same configs/bench_125m weights (f32, random, saved once as a Hugging Face checkpoint)
-go into both. Batch 1, greedy: the tokens must be identical. Prints TTFT, TPOT and
+go into both. Batch 1, greedy: the tokens of every timed run must be identical, else the
+script exits 1 naming the run and the first differing position. Both sides are timed the
+same way: one warm-up run, then --repeats runs interleaved (tpustack, transformers, ...),
+each giving TTFT (prefill + the first token) and TPOT = (end-to-end - TTFT) / (tokens - 1)
+from the same run; every figure is the median over the repeats. Prints TTFT, TPOT and
 tokens/s for both, the ratio, and the effective weight bandwidth (matmul weight bytes /
 TPOT) against a streaming gemv measured in the same run (the memory roofline of
 decoding), and the roofline's prediction of the decode step (tpustack.plan.roofline: every
@@ -27,23 +31,44 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def hf_generate(model, prompt_ids, new_tokens: int) -> tuple[float, float, list[int]]:
-    """(TTFT, end-to-end, tokens) of a greedy transformers generate()."""
+def hf_generate(model, prompt_ids, new_tokens: int) -> dict:
+    """One greedy transformers generate(), timed as tpustack.infer.bench.time_generation times
+    ours: TTFT when the first token exists, TPOT = (end-to-end - TTFT) / (tokens - 1)."""
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
+    class Clock(StoppingCriteria):  # called once per generated token, right after it is appended
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    clock = Clock()
     ids = torch.tensor([prompt_ids])
-    kwargs = dict(do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             use_cache=True, eos_token_id=None, pad_token_id=0,
+                             stopping_criteria=StoppingCriteriaList([clock]))
         total = time.perf_counter() - start
-    return ttft, total, out[0, len(prompt_ids):].tolist()
+    tokens = out[0, len(prompt_ids):].tolist()
+    ttft = clock.times[0] - start
+    return {"ttft_s": ttft, "tpot_s": (total - ttft) / max(len(tokens) - 1, 1), "e2e_s": total, "tokens": tokens}
 
 
-def main() -> None:
+def first_difference(ours: list[int], theirs: list[int]) -> str | None:
+    """None when the token lists agree, else where and how they first differ."""
+    if ours == theirs:
+        return None
+    i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    a = ours[i] if i < len(ours) else "end"
+    b = theirs[i] if i < len(theirs) else "end"
+    return f"first at new token {i} of {max(len(ours), len(theirs))} (tpustack {a}, transformers {b})"
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "bench_125m.py"))
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -84,24 +109,32 @@ def main() -> None:
     # bytes a decode step must stream: every matmul weight (the embedding is a one-row gather)
     weight_bytes = 4 * (cfg.num_params() - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1))
 
-    time_generation(gen, [prompt], args.new_tokens)  # compile
-    hf_generate(hf, prompt, 4)  # warm up
+    mismatches: list[str] = []
+
+    def compare(what: str, ours_tokens: list[int], theirs_tokens: list[int]) -> None:
+        why = first_difference(ours_tokens, theirs_tokens)
+        if why:
+            mismatches.append(f"{what}: {why}")
+            print(f"TOKENS DIFFER, {what}: {why}", file=sys.stderr, flush=True)
+
+    time_generation(gen, [prompt], args.new_tokens)  # warm-up (compiles)
+    hf_generate(hf, prompt, args.new_tokens)  # warm-up, the same length
     ours, theirs = [], []
     for i in range(args.repeats):
         ours.append(time_generation(gen, [prompt], args.new_tokens))
         theirs.append(hf_generate(hf, prompt, args.new_tokens))
+        compare(f"decode repeat {i + 1}", ours[-1]["tokens"][0], theirs[-1]["tokens"])
         print(f"repeat {i + 1}/{args.repeats}: tpustack {ours[-1]['e2e_s']:.2f}s, "
-              f"transformers {theirs[-1][1]:.2f}s", file=sys.stderr, flush=True)
+              f"transformers {theirs[-1]['e2e_s']:.2f}s", file=sys.stderr, flush=True)
     chip = max(chip, measure_cpu_streams.__wrapped__(), key=lambda c: c.hbm_bandwidth)
     # the roofline of one decode step as the generator runs it: attention reads the whole bucketed
     # cache, and the XLA CPU path copies K and V head-major once per layer
     cache_len = min(bucket(args.prompt_len + args.new_tokens), cfg.max_seq_len)
     pred = roofline.predict(roofline.decode_ops(cfg, 1, cache_len, "fp32", "fp32", "fp32", kv_copies=1), chip, 1)
-    same_tokens = ours[-1]["tokens"][0] == theirs[-1][2]
     t_ttft = statistics.median(r["ttft_s"] for r in ours)
     t_tpot = statistics.median(r["tpot_s"] for r in ours)
-    h_ttft = statistics.median(t[0] for t in theirs)
-    h_tpot = statistics.median((t[1] - t[0]) / (args.new_tokens - 1) for t in theirs)
+    h_ttft = statistics.median(r["ttft_s"] for r in theirs)
+    h_tpot = statistics.median(r["tpot_s"] for r in theirs)
     n = args.new_tokens
     rows = [{"name": "tpustack (jax)", "ttft_s": t_ttft, "tpot_s": t_tpot,
              "tokens_per_s": n / (t_ttft + (n - 1) * t_tpot), "weight_gbs": weight_bytes / t_tpot / 1e9},
@@ -113,10 +146,15 @@ def main() -> None:
         if length + 2 > cfg.max_seq_len:
             continue
         p = rng.integers(0, cfg.vocab_size, length).tolist()
-        time_generation(gen, [p], 2)
-        ours_t = statistics.median(time_generation(gen, [p], 2)["ttft_s"] for _ in range(args.repeats))
-        hf_generate(hf, p, 1)
-        theirs_t = statistics.median(hf_generate(hf, p, 1)[0] for _ in range(args.repeats))
+        time_generation(gen, [p], 2)  # warm-up (compiles this prompt bucket)
+        hf_generate(hf, p, 2)
+        ours_r, theirs_r = [], []
+        for i in range(args.repeats):
+            ours_r.append(time_generation(gen, [p], 2))
+            theirs_r.append(hf_generate(hf, p, 2))
+            compare(f"TTFT prompt {length} repeat {i + 1}", ours_r[-1]["tokens"][0], theirs_r[-1]["tokens"])
+        ours_t = statistics.median(r["ttft_s"] for r in ours_r)
+        theirs_t = statistics.median(r["ttft_s"] for r in theirs_r)
         ttft_rows.append({"prompt_len": length, "tpustack_ttft_s": ours_t, "transformers_ttft_s": theirs_t})
         print(f"TTFT {length}: tpustack {ours_t * 1e3:.0f} ms, transformers {theirs_t * 1e3:.0f} ms",
               file=sys.stderr, flush=True)
@@ -124,18 +162,19 @@ def main() -> None:
     batch_rows = []
     for b in [int(x) for x in args.batches.split(",") if x]:
         prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(b)]
-        time_generation(gen, prompts, args.new_tokens)
-        r = min((time_generation(gen, prompts, args.new_tokens) for _ in range(max(1, args.repeats - 1))),
-                key=lambda r: r["e2e_s"])
-        batch_rows.append({"batch": b, "tokens_per_s": r["tokens_per_s"], "decode_tokens_per_s":
-                           r["decode_tokens_per_s"], "tpot_s": r["tpot_s"], "ttft_s": r["ttft_s"]})
+        time_generation(gen, prompts, args.new_tokens)  # warm-up (compiles this batch size)
+        runs = [time_generation(gen, prompts, args.new_tokens) for _ in range(args.repeats)]
+        r = {k: statistics.median(run[k] for run in runs)
+             for k in ("tokens_per_s", "decode_tokens_per_s", "tpot_s", "ttft_s")}
+        batch_rows.append({"batch": b, **r})
         print(f"batch {b}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
 
     result = {"benchmark": "decode_cpu", "config": os.path.basename(args.config), "params": cfg.num_params(),
               "prompt_len": args.prompt_len, "new_tokens": n, "dtype": "float32", "greedy": True,
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads},
               "gemv_bandwidth_gbs": chip.hbm_bandwidth / 1e9, "matmul_peak_gflops": chip.peak_flops / 1e9,
-              "weight_bytes": weight_bytes, "identical_tokens": same_tokens, "rows": rows,
+              "weight_bytes": weight_bytes, "repeats": args.repeats, "statistic": "median after 1 warm-up",
+              "identical_tokens": not mismatches, "token_mismatches": mismatches, "rows": rows,
               "roofline": {"cache_len": cache_len, "ceiling_tpot_s": pred.seconds,
                            "predicted_tpot_s": pred.predicted_seconds,
                            "stream_seconds": sum(roofline.op_stream_time(o, chip) for o in pred.ops),
@@ -154,7 +193,8 @@ def main() -> None:
     print(f"\ndecode, {os.path.basename(args.config)} ({cfg.num_params() / 1e6:.1f}M params, f32), batch 1, "
           f"prompt {args.prompt_len}, {n} new tokens, greedy; {cpu_name()} x {os.cpu_count()} cores")
     print(f"gemv bandwidth (measured): {bw:.1f} GB/s; matmul weights {weight_bytes / 1e6:.0f} MB -> "
-          f"roofline {bw * 1e9 / weight_bytes:.1f} tokens/s; identical tokens: {same_tokens}")
+          f"roofline {bw * 1e9 / weight_bytes:.1f} tokens/s; identical tokens in every run: {not mismatches}")
+    print(f"medians of {args.repeats} runs after a warm-up, both sides timed alike")
     print(f"{'implementation':<22}{'TTFT ms':>9}{'TPOT ms':>9}{'tokens/s':>10}{'weights GB/s':>14}"
           f"{'% gemv':>8}{'vs HF':>7}")
     for r in rows:
@@ -174,7 +214,12 @@ def main() -> None:
     if batch_rows:
         print("tokens/s by batch: " + ", ".join(f"{r['batch']}: {r['tokens_per_s']:.1f}" for r in batch_rows))
     print(f"wrote {os.path.relpath(args.out, ROOT)}")
+    if mismatches:
+        print(f"FAILED: tpustack's tokens differ from transformers' in {len(mismatches)} run(s):\n  "
+              + "\n  ".join(mismatches), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
