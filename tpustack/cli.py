@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import os
 import sys
 
@@ -27,7 +29,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Pull `--config.a.b=value` / `--config.a.b value` out of argv."""
+    """Pull `--config.a.b=value` / `--config.a.b value` out of argv; a flag is never taken as a value."""
+
+    def is_flag(text: str) -> bool:  # "--workdir", "-h"; not "-1" or "-1e-3"
+        try:
+            float(text)
+        except ValueError:
+            return text.startswith("-")
+        return False
+
     rest, overrides = [], {}
     i = 0
     while i < len(argv):
@@ -35,7 +45,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         if arg.startswith("--config."):
             key, eq, value = arg[len("--config."):].partition("=")
             if not eq:
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or is_flag(argv[i + 1]):
                     raise UserError(f"{arg}: needs a value, as {arg}=VALUE")
                 value, i = argv[i + 1], i + 1
             overrides[key] = value
@@ -336,6 +346,29 @@ def _quiet_library_logs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # libtpu (the tpu extra, installed for ahead-of-time compiles) prints start-up errors on a
+    # machine without a TPU: with JAX_PLATFORMS unset jax initialises every registered backend,
+    # and its TPU backend loads libtpu, which looks for TPU metadata and peers before jax falls
+    # back to cpu; compile-check loads it too. Where no TPU is visible (jax's own test: a Google
+    # PCI device; /dev/accel* on v4/v5p, /dev/vfio/N on v5e/v6e), tell libtpu this host is alone
+    # (virtual topologies and their compiles are unchanged; several processes may load it), and
+    # with no GPU either choose cpu, before jax is imported. What the user set (JAX_PLATFORMS
+    # even empty) is kept.
+    if (sys.platform.startswith("linux") and "JAX_FORCE_TPU_INIT" not in os.environ
+            and importlib.util.find_spec("libtpu") is not None):
+        tpu = bool(glob.glob("/dev/accel*")) or any(not n.endswith("/vfio") for n in glob.glob("/dev/vfio/*"))
+        for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+            try:
+                with open(vendor) as f:
+                    tpu = tpu or f.read().strip() == "0x1ae0"  # Google's PCI vendor id
+            except OSError:
+                pass
+        if not tpu:
+            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+            os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # its lockfile guards chips this host lacks
+            if not any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")):
+                os.environ.setdefault("JAX_PLATFORMS", "cpu")
     _quiet_library_logs()
     try:
         from tpustack.distributed import initialize
