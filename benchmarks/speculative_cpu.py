@@ -38,11 +38,11 @@ def main() -> None:
     from tpustack.config import DataConfig
     from tpustack.data import ByteTokenizer, load_tokens
     from tpustack.infer.decode import Generator
-    from tpustack.infer.load import load_model
+    from tpustack.weights import load_weights
     from tpustack.infer.sampling import SamplingParams, stack_params
     from tpustack.infer.speculative import SpeculativeGenerator, acceptance_stats
 
-    target, draft = load_model(args.target), load_model(args.draft)
+    target, draft = load_weights(args.target), load_weights(args.draft)
     heldout = load_tokens(DataConfig(), ByteTokenizer())["heldout"]
     starts = np.random.default_rng(0).integers(0, len(heldout) - args.prompt_len, args.prompts)
     prompts = [heldout[s:s + args.prompt_len].astype(int).tolist() for s in starts]

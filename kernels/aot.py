@@ -9,12 +9,22 @@ compiler. Used by the tests and by anyone checking a kernel for a TPU generation
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
+import sys
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from . import compat
+from .decode_attention import decode_attention, paged_attention
+from .flash_attention import flash_attention
+from .quant_matmul import int4_matmul, int8_matmul, w8a8_matmul
 
 TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v4": "v4:2x2x1", "v5p": "v5p:2x2x1"}
 
@@ -22,7 +32,6 @@ TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v4": "v4:2x2x1", "v5p": "v5p:
 @functools.lru_cache(maxsize=None)
 def topology(name: str) -> Any:
     """Virtual devices of a TPU topology, e.g. 'v5e:2x2'; raises if libtpu is missing."""
-    from jax.experimental import topologies
     return topologies.get_topology_desc(platform="tpu", topology_name=name)
 
 
@@ -30,7 +39,7 @@ def shard_map_fn():
     """jax.shard_map (new) or jax.experimental.shard_map.shard_map (old)."""
     if hasattr(jax, "shard_map"):
         return jax.shard_map
-    from jax.experimental.shard_map import shard_map  # pragma: no cover
+    from jax.experimental.shard_map import shard_map  # pragma: no cover - jax < 0.7 only: the compat fallback
     return shard_map
 
 
@@ -74,10 +83,6 @@ def _sds(shape, dtype):
 
 def cases(dtype) -> dict[str, tuple[Callable[..., Any], list[jax.ShapeDtypeStruct]]]:
     """Kernel name -> (fn, per-chip argument structs)."""
-    import jax.numpy as jnp
-    from .decode_attention import decode_attention, paged_attention
-    from .flash_attention import flash_attention
-    from .quant_matmul import int4_matmul, int8_matmul, w8a8_matmul
 
     kw = dict(impl="pallas", platform="tpu", interpret=False)
     B, T, N, K, H = 1, 512, 8, 2, 128
@@ -117,7 +122,6 @@ def cases(dtype) -> dict[str, tuple[Callable[..., Any], list[jax.ShapeDtypeStruc
 
 def compile_case(generation: str, kernel: str, dtype) -> dict[str, Any]:
     """Compile one case for one generation; returns HBM figures and the VMEM estimate."""
-    from . import compat
     compat.VMEM_ESTIMATE.clear()
     fn, args = cases(dtype)[kernel]
     compiled = compile_on(TOPOLOGIES[generation], fn, *args)
@@ -132,10 +136,6 @@ def compile_case(generation: str, kernel: str, dtype) -> dict[str, Any]:
 
 def main() -> None:  # pragma: no cover - a report script
     """Print the kernels x generations table (python -m tpustack.kernels.aot)."""
-    import json
-    import os
-    import sys
-    import jax.numpy as jnp
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     rows = []
     for kernel in cases(jnp.float32):

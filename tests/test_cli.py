@@ -64,7 +64,12 @@ def test_main_job_smoke_then_eval_and_sample(tmp_path):
     ev = tpustack("eval", "--workdir", workdir)
     assert ev.returncode == 0 and "held-out loss" in ev.stdout, ev.stderr[-2000:]
     smp = tpustack("sample", "--checkpoint", workdir, "--prompt", "import", "--max-new-tokens", "5")
-    assert smp.returncode == 0 and smp.stdout.count("\n") >= 2, smp.stderr[-2000:]
+    assert smp.returncode == 0 and smp.stdout.startswith("import"), smp.stderr[-2000:]
+    # `sample` is `generate`: one code path, the same defaults, the same tokens
+    runs = [tpustack(cmd, "--checkpoint", workdir, "--prompt", "import", "--prompt", "def ", "--max-new-tokens",
+                     "5", "--temperature", "0.8", "--json") for cmd in ("sample", "generate")]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.count('"ids"') == 2
 
 
 @pytest.mark.parametrize("args,message", [
@@ -72,7 +77,7 @@ def test_main_job_smoke_then_eval_and_sample(tmp_path):
     (["train", "--config.train.steps=ten"], "--config.train.steps='ten': expected a int"),
     (["train", "--config", "missing.py"], "--config: no such file 'missing.py'"),
     (["train", "--config.mesh.data=3"], "config.mesh: data=3 x stage=1 x fsdp=1 x tensor=1 = 3 devices, but 8 are available"),
-    (["sample", "--checkpoint", "/nonexistent"], "--checkpoint: no checkpoint in /nonexistent/checkpoints"),
+    (["sample", "--checkpoint", "/nonexistent", "--prompt-ids", "1"], "--checkpoint '/nonexistent': neither a tpustack workdir"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path):

@@ -9,7 +9,7 @@ from helpers import random_batch, tiny_config
 from tpustack.config import MeshConfig
 from tpustack.errors import UserError
 from tpustack.mesh import make_mesh, mesh_layout
-from tpustack.model.transformer import pipeline_bubble
+from tpustack.train.pipeline import pipeline_bubble
 from tpustack.plan.hlo import collectives, summary
 from tpustack.train.step import global_batch, make_trainer
 

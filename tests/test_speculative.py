@@ -12,7 +12,8 @@ from tpustack.errors import UserError
 from tpustack.infer import speculative
 from tpustack.infer.decode import Generator, finished_tokens
 from tpustack.infer.sampling import SamplingParams, stack_params
-from tpustack.infer.speculative import SpeculativeGenerator, acceptance_stats, expected_tokens_per_round
+from tpustack.infer.speculative import SpeculativeGenerator, acceptance_stats
+from tpustack.plan.cost import tokens_per_round
 from tpustack.model import Decoder
 
 TARGET = ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
@@ -123,7 +124,7 @@ def test_acceptance_rate_and_tokens_per_round_follow_the_formula(target):
     # the formula assumes independent acceptances; a real draft is close to it, not equal
     error = abs(stats["tokens_per_round"] / stats["predicted_tokens_per_round"] - 1)
     assert error < 0.15, stats
-    assert expected_tokens_per_round(0.8, 4) == pytest.approx(3.3616)
+    assert tokens_per_round(0.8, 4) == pytest.approx(3.3616)
 
 
 def test_draft_must_share_the_vocabulary(target):

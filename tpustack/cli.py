@@ -3,8 +3,8 @@
     tpustack train  --config configs/tiny.py [--config.model.num_layers=4 ...] [--workdir DIR]
     tpustack distill --teacher DIR [--config configs/tiny_draft.py] [--workdir DIR]
     tpustack eval   --workdir DIR
-    tpustack sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K]
     tpustack generate --checkpoint DIR [--draft DIR] --prompt TEXT | --prompt-ids 1,2,3 [--json]
+                      (`sample` is the same command)
     tpustack bench decode [--checkpoint DIR] [--batch B --prompt-len L --new-tokens N --price-per-hour P]
     tpustack estimate --config configs/llama2_13b.py [--chip v5p --chips 16 --context 4096 --batch 8]
 """
@@ -71,19 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out loss of a workdir's latest checkpoint")
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--batches", type=int, default=None, help="held-out batches (default: the config's)")
-    smp = sub.add_parser("sample", help="sample text from a trained workdir")
-    smp.add_argument("--checkpoint", required=True, help="a tpustack workdir")
-    smp.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    smp.add_argument("--max-new-tokens", type=int, default=200)
-    smp.add_argument("--temperature", type=float, default=0.8)
-    smp.add_argument("--top-k", type=int, default=0)
-    smp.add_argument("--seed", type=int, default=0)
-    gen = sub.add_parser("generate", help="decode with the KV cache (optionally speculative), streaming")
+    gen = sub.add_parser("generate", aliases=["sample"],
+                         help="decode with the KV cache (optionally speculative), streaming")
     gen.add_argument("--checkpoint", required=True, help="a tpustack workdir or a Hugging Face Llama directory")
     gen.add_argument("--draft", default=None, help="a draft model (same formats) for speculative decoding")
     gen.add_argument("--speculate-k", type=int, default=4, help="tokens the draft proposes per round")
     prompt = gen.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer with the checkpoint)")
+    prompt.add_argument("--prompt", action="append", help="prompt text (repeatable: one row each; needs a "
+                        "tokenizer with the checkpoint)")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -123,35 +118,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_samples(config, params, prompts, max_new_tokens, temperature, top_k, seed, clamp: bool = False) -> None:
-    import jax
+def _decode(gen, tokenizer, prompts: list[str] | None, ids: list[list[int]], max_new_tokens: int, sampling,
+            as_json: bool = False, clamp: bool = False) -> None:
+    """The one decode path of `generate`, `sample` and the main job's samples: stream a single
+    prompt's text as it decodes, print several prompts as labelled samples, or JSON."""
+    import json
 
-    from tpustack.data import load_tokenizer
-    from tpustack.infer.decode import Generator
-    from tpustack.infer.sampling import SamplingParams
-    from tpustack.train.precision import apply_precision
-
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    ids = [tokenizer.encode(p).tolist() for p in prompts]
-    room = config.model.max_seq_len - max(len(i) for i in ids)
-    if room < 1:
-        raise UserError(f"--prompt: {max(len(i) for i in ids)} tokens leave no room in the model's context "
-                        f"of {config.model.max_seq_len}; shorten it")
-    # host copies: training may have left the params sharded over a mesh
-    gen = Generator(apply_precision(config.model, config.train), jax.device_get(params),
-                    eos_id=tokenizer.eos_id if tokenizer.eos_id is not None else -1)
-    sampling = [SamplingParams(temperature=temperature, top_k=top_k, seed=seed + i) for i in range(len(ids))]
-    outs = gen.generate(ids, min(max_new_tokens, room) if clamp else max_new_tokens, sampling)
-    for prompt, out in zip(prompts, outs):
-        print(f"----- sample (prompt {prompt!r}) -----")
-        print(prompt + tokenizer.decode(out))
+    room = gen.cfg.max_seq_len - max(len(i) for i in ids)
+    if clamp:  # the main job's samples fit whatever context the config has
+        max_new_tokens = max(min(max_new_tokens, room), 1)
+    stream = None
+    if not as_json and tokenizer is not None and len(ids) == 1:
+        if prompts:
+            print(prompts[0], end="", flush=True)
+        stream = lambda new: print(tokenizer.decode(new[0]), end="", flush=True)  # noqa: E731
+    outs = gen.generate(ids, max_new_tokens, sampling, chunk=8, on_tokens=stream)
+    for i, out in enumerate(outs):
+        text = tokenizer.decode(out) if tokenizer is not None else None
+        if as_json:
+            print(json.dumps({"prompt_ids": ids[i], "ids": out, "text": text}))
+        elif stream is not None:
+            print()
+        elif tokenizer is None:
+            print(",".join(str(t) for t in out))
+        else:
+            print(f"----- sample (prompt {prompts[i]!r}) -----")
+            print(prompts[i] + text)
     sys.stdout.flush()
+
+
+def _sampling(n: int, temperature: float, top_k: int, top_p: float, seed: int):
+    from tpustack.infer.sampling import SamplingParams
+
+    return [SamplingParams(temperature, top_k, top_p, seed + i) for i in range(n)]
 
 
 def cmd_train(args, overrides) -> int:
     import jax
 
     from tpustack.config import load_config
+    from tpustack.data import load_tokenizer
+    from tpustack.infer.decode import Generator
     from tpustack.train.loop import train
 
     config = load_config(args.config, overrides)
@@ -159,104 +166,83 @@ def cmd_train(args, overrides) -> int:
     result = train(config, workdir)
     if jax.process_index() != 0:  # one host speaks for the job
         return 0
-    multihost = jax.process_count() > 1
     if result.eval_loss is not None:
         print(f"final: step {result.step}, held-out loss {result.eval_loss:.4f}, "
               f"{result.tokens_per_second:.0f} tokens/s, workdir {workdir}")
     if result.preempted:
         print(f"preempted: checkpoint saved at step {result.step}; rerun the same command to resume")
         return 0
-    if multihost and not args.no_samples:
-        print(f"samples: run `tpustack sample --checkpoint {workdir}` on one host")
-    elif not args.no_samples and config.train.samples > 0:
-        prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(config.train.samples)]
-        _print_samples(config, result.params, prompts, config.train.sample_len, 0.8, 0, config.train.seed,
-                       clamp=True)  # the main job's samples fit whatever context the config has
+    if args.no_samples or config.train.samples <= 0:
+        return 0
+    if jax.process_count() > 1:
+        print(f"samples: run `tpustack generate --checkpoint {workdir} --prompt ...` on one host")
+        return 0
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(config.train.samples)]
+    # host copies: training may have left the params sharded over a mesh
+    gen = Generator(config.model, jax.device_get(result.params), eos_id=_eos(tokenizer))
+    _decode(gen, tokenizer, prompts, [tokenizer.encode(p).tolist() for p in prompts], config.train.sample_len,
+            _sampling(len(prompts), 0.8, 0, 1.0, config.train.seed), clamp=True)
     return 0
 
 
 def cmd_eval(args) -> int:
     import math
 
-    from tpustack.train.loop import heldout_loss
+    from tpustack.evaluate import heldout_loss
 
     config, loss = heldout_loss(args.workdir, args.batches)
     print(f"{config.name}: held-out loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}")
     return 0
 
 
-def cmd_sample(args) -> int:
-    from tpustack.train.loop import load_trained
-
-    config, _, state = load_trained(args.checkpoint)
-    prompts = args.prompt or list(SAMPLE_PROMPTS[:1])
-    _print_samples(config, state.params, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    return 0
+def _eos(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_id", None)
+    return -1 if eos is None else eos
 
 
 def _generator(checkpoint: str, draft: str | None, k: int, cache_dtype: str):
+    """(tokenizer, Generator or SpeculativeGenerator) of a checkpoint, through the one loader."""
     from tpustack.infer.decode import Generator
-    from tpustack.infer.load import load_model
     from tpustack.infer.speculative import SpeculativeGenerator
+    from tpustack.weights import load_weights
 
-    target = load_model(checkpoint)
-    eos = getattr(target.tokenizer, "eos_id", None)
-    eos = -1 if eos is None else eos
+    cfg, params, tokenizer = load_weights(checkpoint)
     if draft is None:
-        return target, Generator(target.cfg, target.params, cache_dtype, eos)
-    d = load_model(draft)
-    return target, SpeculativeGenerator(target.cfg, target.params, cache_dtype, eos, draft_cfg=d.cfg,
-                                        draft_params=d.params, k=k)
+        return tokenizer, Generator(cfg, params, cache_dtype, _eos(tokenizer))
+    d_cfg, d_params, _ = load_weights(draft)
+    return tokenizer, SpeculativeGenerator(cfg, params, cache_dtype, _eos(tokenizer), draft_cfg=d_cfg,
+                                           draft_params=d_params, k=k)
 
 
 def cmd_generate(args) -> int:
-    import json
-
-    from tpustack.infer.sampling import SamplingParams
-
-    model, gen = _generator(args.checkpoint, args.draft, args.speculate_k, args.cache_dtype)
-    tok = model.tokenizer
+    tok, gen = _generator(args.checkpoint, args.draft, args.speculate_k, args.cache_dtype)
     if args.prompt is not None:
         if tok is None:
             raise UserError(f"--prompt: {args.checkpoint} has no tokenizer; pass --prompt-ids instead")
-        ids = tok.encode(args.prompt).tolist()
+        ids = [tok.encode(p).tolist() for p in args.prompt]
     else:
         try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+            ids = [[int(x) for x in args.prompt_ids.split(",") if x.strip()]]
         except ValueError:
             raise UserError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    stream = None
-    if not args.json and tok is not None:
-        if args.prompt is not None:
-            print(args.prompt, end="", flush=True)
-        stream = lambda new: print(tok.decode(new[0]), end="", flush=True)  # noqa: E731
-    out = gen.generate([ids], args.max_new_tokens, sampling, chunk=8, on_tokens=stream)[0]
-    if args.json:
-        print(json.dumps({"prompt_ids": ids, "ids": out, "text": tok.decode(out) if tok else None}))
-    elif tok is None:
-        print(",".join(str(i) for i in out))
-    else:
-        print()
+    _decode(gen, tok, args.prompt, ids, args.max_new_tokens,
+            _sampling(len(ids), args.temperature, args.top_k, args.top_p, args.seed), as_json=args.json)
     return 0
 
 
 def cmd_bench(args) -> int:
     import numpy as np
 
-    from tpustack.infer.bench import cost_per_million_tokens, time_generation
+    from tpustack.infer.bench import time_generation
+    from tpustack.plan.cost import cost_per_million
 
     if args.checkpoint is None:
-        import jax
-        import jax.numpy as jnp
-        from flax.linen import meta
-
         from tpustack.config import load_config
         from tpustack.infer.decode import Generator
-        from tpustack.model import Decoder
+        from tpustack.weights import init_weights
 
-        cfg = load_config(args.config).model
-        params = meta.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+        cfg, params, _ = init_weights(load_config(args.config).model)
         gen = Generator(cfg, params, args.cache_dtype)
     else:
         _, gen = _generator(args.checkpoint, args.draft, args.speculate_k, args.cache_dtype)
@@ -272,7 +258,7 @@ def cmd_bench(args) -> int:
     if "acceptance_rate" in r:
         print(f"draft acceptance rate {r['acceptance_rate']:.3f}")
     if args.price_per_hour:
-        print(f"cost: ${cost_per_million_tokens(args.price_per_hour, r['tokens_per_s']):.4f} per million "
+        print(f"cost: ${cost_per_million(args.price_per_hour, r['tokens_per_s']):.4f} per million "
               f"output tokens at ${args.price_per_hour}/hour")
     return 0
 
@@ -389,11 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compile_check(args, overrides)
         if args.command == "eval":
             return cmd_eval(args)
-        if args.command == "generate":
-            return cmd_generate(args)
         if args.command == "bench":
             return cmd_bench(args)
-        return cmd_sample(args)
+        return cmd_generate(args)  # generate, or its alias sample
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,20 +34,14 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
-import math
-import numbers
 import os
 import typing
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 
+from tpustack.config_checks import COMPUTE_DTYPE, FIELD_CHECKS, check_field, check_relations, typed  # noqa: F401 - COMPUTE_DTYPE, FIELD_CHECKS re-exported
 from tpustack.errors import UserError
-
-DTYPES = ("float32", "bfloat16", "float16")
-# train.precision -> the compute dtype of matmuls and activations; master weights stay float32
-COMPUTE_DTYPE = {"f32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-PRECISIONS = tuple(COMPUTE_DTYPE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,110 +183,7 @@ _SECTIONS = {
 _FIELD_TYPES: dict[str, type] = {"name": str} | {
     f"{section}.{name}": kind for section, cls in _SECTIONS.items()
     for name, kind in typing.get_type_hints(cls).items()}
-_INT_LIMIT = 2**31 - 1
-_WIDE_INTS = {"data.max_bytes": 2**62}  # host-side only: no int32 limit
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """A field's constraint: `ok(value)`, and what to say when it fails (`{v}`: the value)."""
-
-    ok: Callable[[Any], bool]
-    says: str
-
-
-def _at_least(lo: float, note: str = "") -> Check:
-    return Check(lambda v: v >= lo, f"must be >= {lo}, got {{v!r}}{note}")
-
-
-def _above(lo: float, note: str = "") -> Check:
-    return Check(lambda v: v > lo, f"must be > {lo}, got {{v!r}}{note}")
-
-
-def _within(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False, note: str = "") -> Check:
-    def ok(v):
-        return (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
-
-    return Check(ok, f"{{v!r}} is not in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}{note}")
-
-
-def _one_of(*choices: Any, note: str = "") -> Check:
-    return Check(lambda v: v in choices, f"{{v!r}} is not one of {', '.join(map(str, choices))}{note}")
-
-
-_ONE = _at_least(1)
-_MESH_AXIS = Check(lambda v: v == -1 or v >= 1, "must be >= 1, or -1 to fill the devices the other axes "
-                                                "leave, got {v!r}")
-_DCN_AXIS = _at_least(1, " (1: within a slice)")
-
-# One entry per field of every section; None: any value of the declared type.
-FIELD_CHECKS: dict[str, Check | None] = {
-    "name": Check(bool, "must not be empty (runs/NAME is the default workdir)"),
-    "model.vocab_size": _ONE, "model.d_model": _ONE, "model.num_layers": _ONE, "model.num_heads": _ONE,
-    "model.num_kv_heads": _ONE, "model.head_dim": _at_least(0, "; 0 derives it as d_model // num_heads"),
-    "model.ffn_dim": _ONE, "model.rope_theta": _above(0), "model.norm_eps": _above(0),
-    "model.tie_embeddings": None, "model.max_seq_len": _ONE, "model.init_std": _above(0),
-    "model.param_dtype": Check(lambda v: v == "float32", "{v!r}: the master copy the optimizer updates is "
-                                                         "always float32; drop the setting (train.precision sets "
-                                                         "the compute dtype)"),
-    "model.dtype": _one_of(*DTYPES, note="; train.precision sets it"), "model.scan_layers": None,
-    "model.remat_policy": Check(lambda v: v == "none" or v in _checkpoint_policies(),
-                                "{v!r} is not 'none' or a jax.checkpoint_policies name (such as "
-                                "nothing_saveable, dots_saveable)"),
-    "model.attention_impl": _one_of("xla", "cudnn", "pallas", "auto"),
-    "model.weight_quant": _one_of("none", "int8", "int4"),
-    "model.matmul_impl": _one_of("auto", "pallas", "xla", "reference"),
-    "mesh.data": _MESH_AXIS, "mesh.stage": _MESH_AXIS, "mesh.fsdp": _MESH_AXIS, "mesh.tensor": _MESH_AXIS,
-    "mesh.dcn_data": _DCN_AXIS, "mesh.dcn_stage": _DCN_AXIS, "mesh.dcn_fsdp": _DCN_AXIS,
-    "mesh.dcn_tensor": _DCN_AXIS,
-    "mesh.rules": None,  # mesh.rules_for owns the tables and names them (mesh.py imports this module)
-    "parallel.zero_stage": _one_of(0, 1, 2, 3), "parallel.microbatches": _ONE,
-    "parallel.pipeline_repeats": _at_least(1, " (1: GPipe)"),
-    "train.steps": _at_least(0), "train.batch_size": _ONE, "train.seq_len": _ONE, "train.grad_accum": _ONE,
-    "train.lr": _above(0), "train.warmup_steps": _at_least(0), "train.min_lr_ratio": _within(0, 1),
-    "train.weight_decay": _at_least(0), "train.b1": _within(0, 1, open_hi=True),
-    "train.b2": _within(0, 1, open_hi=True), "train.eps": _above(0, " (Adam divides by sqrt(v) + eps)"),
-    "train.clip_norm": _at_least(0, "; 0 disables clipping"), "train.precision": _one_of(*PRECISIONS),
-    "train.loss_scale_init": _at_least(1, " (fp16 loss scaling never goes below 1)"),
-    "train.loss_scale_growth_interval": _ONE, "train.seed": _at_least(0),
-    "train.log_every": _at_least(1, " (steps between progress lines)"),
-    "train.eval_every": _at_least(0, "; 0 disables the periodic evals"),
-    "train.eval_batches": _at_least(1, " (the held-out loss averages this many batches; train.eval_every=0 "
-                                       "disables the periodic evals)"),
-    "train.time_limit_s": _at_least(0, "; 0: no limit"), "train.samples": _at_least(0, "; 0: none"),
-    "train.sample_len": _ONE,
-    "data.source": _one_of("builtin", "text", "jsonl", "bin"), "data.path": None,
-    "data.tokenizer": Check(bool, "must be 'byte' or a path to a Hugging Face tokenizer.json, got {v!r}"),
-    "data.bin_dtype": _one_of("uint16", "uint32"), "data.max_bytes": _ONE,
-    "data.heldout_fraction": _within(0, 0.5, open_lo=True, open_hi=True),
-    "checkpoint.every": _at_least(0, "; 0 disables periodic saves"),
-    "checkpoint.keep": _at_least(1, "; to save less often raise checkpoint.every (0 disables periodic saves)"),
-    "checkpoint.async_save": None,
-    "distill.teacher": None, "distill.alpha": _within(0, 1), "distill.temperature": _above(0),
-}
 assert FIELD_CHECKS.keys() == _FIELD_TYPES.keys(), "every config field needs an entry in FIELD_CHECKS"
-
-_KIND = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
-
-
-def _typed(field: str, value: Any, kind: type) -> Any:
-    """`value` as a `kind` (bool, int, float, str), never truncated; a UserError otherwise."""
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        value = int(value) if ok else value
-    elif kind is float:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise UserError(f"config.{field}: expected {_KIND.get(kind, kind.__name__)}, got {value!r}")
-    limit = _WIDE_INTS.get(field, _INT_LIMIT)
-    if kind is int and abs(value) > limit:
-        raise UserError(f"config.{field}: {value} is out of range (at most {limit})")
-    return value
 
 
 def default_config_dict() -> ml_collections.ConfigDict:
@@ -412,9 +303,9 @@ def to_config(cfg: ml_collections.ConfigDict) -> Config:
         for key in given:
             if key not in names:
                 raise UserError(f"config.{section}.{key}: unknown field; known: {', '.join(sorted(names))}")
-        sections[section] = cls(**{k: _typed(f"{section}.{k}", v, _FIELD_TYPES[f"{section}.{k}"])
+        sections[section] = cls(**{k: typed(f"{section}.{k}", v, _FIELD_TYPES[f"{section}.{k}"])
                                    for k, v in given.items()})
-    config = Config(name=_typed("name", cfg.get("name", "tpustack"), str), **sections)
+    config = Config(name=typed("name", cfg.get("name", "tpustack"), str), **sections)
     validate(config)
     model = dataclasses.replace(config.model, dtype=COMPUTE_DTYPE[config.train.precision], param_dtype="float32")
     return dataclasses.replace(config, model=model)
@@ -430,61 +321,11 @@ def _fields(config: Config):
 
 
 def validate(config: Config) -> None:
-    """Every field's type and range (FIELD_CHECKS), then the checks that relate fields; mesh-size
-    checks that need the device count live in mesh.py."""
+    """Every field's type and range (config_checks.FIELD_CHECKS), then the checks that relate
+    fields; mesh-size checks that need the device count live in mesh.py."""
     for field, value in _fields(config):
-        _typed(field, value, _FIELD_TYPES[field])
-        check = FIELD_CHECKS[field]
-        if check is not None and not check.ok(value):
-            raise UserError(f"config.{field}: {check.says.format(v=value)}")
-
-    m, t, d = config.model, config.train, config.data
-
-    def need(cond: bool, field: str, msg: str) -> None:
-        if not cond:
-            raise UserError(f"config.{field}: {msg}")
-
-    compute = COMPUTE_DTYPE[t.precision]
-    precision_of = {dtype: p for p, dtype in COMPUTE_DTYPE.items()}
-    need(m.dtype in ("float32", compute), "model.dtype",
-         f"{m.dtype!r} contradicts train.precision={t.precision!r}, whose compute dtype is {compute}; "
-         f"drop model.dtype (train.precision sets it) or set train.precision={precision_of[m.dtype]!r}")
-    need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-         f"{m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-    need(m.head_dim > 0 or m.d_model % m.num_heads == 0, "model.head_dim",
-         f"d_model={m.d_model} is not divisible by num_heads={m.num_heads}; set head_dim explicitly")
-    need(m.heads_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {m.heads_dim}")
-    if m.weight_quant == "int4":
-        widths = {"d_model": m.d_model, "ffn_dim": m.ffn_dim, "num_heads * head_dim": m.num_heads * m.heads_dim}
-        for name, width in widths.items():
-            need(width % 256 == 0, "model.weight_quant", f"int4 packs rows i and i + K/2 in 128-row groups: "
-                 f"{name}={width} must be a multiple of 256; use int8")
-    need(t.seq_len <= m.max_seq_len, "train.seq_len",
-         f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; shorten it or raise model.max_seq_len")
-    need(t.batch_size % t.grad_accum == 0, "train.grad_accum",
-         f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
-    need(d.source == "builtin" or bool(d.path), "data.path", f"data.source={d.source!r} needs a path")
-    p, mesh = config.parallel, config.mesh
-    if mesh.stage * mesh.dcn_stage > 1:
-        stages = mesh.stage * mesh.dcn_stage
-        need(m.scan_layers, "model.scan_layers", "pipeline stages (mesh.stage > 1) split the stacked layers: "
-             "set --config.model.scan_layers=True")
-        need(m.num_layers % stages == 0, "mesh.stage",
-             f"{stages} stages must divide model.num_layers={m.num_layers}")
-        need(m.num_layers % (stages * p.pipeline_repeats) == 0, "parallel.pipeline_repeats",
-             f"{p.pipeline_repeats} repeats x {stages} stages must divide model.num_layers={m.num_layers}")
-        need(p.pipeline_repeats == 1 or p.microbatches % stages == 0, "parallel.microbatches",
-             f"a circular pipeline (pipeline_repeats > 1) needs microbatches ({p.microbatches}) to be a "
-             f"multiple of the {stages} stages")
-        need(t.batch_size % (t.grad_accum * p.microbatches) == 0, "parallel.microbatches",
-             f"{p.microbatches} microbatches x train.grad_accum={t.grad_accum} must divide "
-             f"train.batch_size={t.batch_size}")
-
-
-def _checkpoint_policies() -> list[str]:
-    import jax
-
-    return sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+        check_field(field, value, _FIELD_TYPES[field])
+    check_relations(config)
 
 
 def load_config(spec: str, overrides: dict[str, str] | None = None) -> Config:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+
 from tpustack.errors import UserError
 
 
@@ -57,8 +59,6 @@ def on_cloud_tpu_vm() -> bool:
 
 def initialize(spec: DistributedSpec | None = None) -> None:
     """Start jax.distributed when there is more than one process; a no-op otherwise."""
-    import jax
-
     spec = spec or spec_from_env()
     if spec.local_devices:
         jax.config.update("jax_num_cpu_devices", spec.local_devices)

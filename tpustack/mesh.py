@@ -26,8 +26,9 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tpustack.config import MeshConfig
+from tpustack.config import MeshConfig, ModelConfig
 from tpustack.errors import UserError
+from tpustack.model import abstract_params
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
 
@@ -180,38 +181,46 @@ def batch_divisor(mesh: Mesh, rules: LogicalRules) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def param_shardings(model_cfg, mesh: Mesh, rules: LogicalRules) -> Any:
+def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules: LogicalRules) -> Any:
     """NamedShardings of a Decoder's (unboxed) params, from the logical names they carry."""
-    import jax.numpy as jnp
-
-    from tpustack.model import Decoder
-
-    boxed = jax.eval_shape(lambda: Decoder(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)["params"]
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params(model_cfg)), mesh, rules)
 
 
-def zero_shardings(shardings: Any, shard_over_fsdp: bool) -> Any:
-    """ZeRO: a train-state tree's shardings with `fsdp` kept (sharded) or dropped (replicated).
+def zero_specs(specs: Any, shard_over_fsdp: bool) -> Any:
+    """ZeRO: a tree of PartitionSpecs with `fsdp` kept (sharded) or dropped (replicated).
 
     The rules shard every weight's `embed` dimension over fsdp (ZeRO-3). Stages 0-2 keep
     some trees whole on every fsdp device: params (stages 0-2), gradients (0-1) and the
     Adam moments (0) lose the fsdp axis from their specs and are replicated across it.
     """
     if shard_over_fsdp:
-        return shardings
+        return specs
 
-    def drop(sharding: NamedSharding) -> NamedSharding:
-        def strip(axes):
-            if axes is None:
-                return None
-            kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a != "fsdp")
-            return kept[0] if len(kept) == 1 else (kept or None)
-        return NamedSharding(sharding.mesh, PartitionSpec(*(strip(a) for a in sharding.spec)))
+    def strip(axes):
+        if axes is None:
+            return None
+        kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a != "fsdp")
+        return kept[0] if len(kept) == 1 else (kept or None)
 
-    return jax.tree.map(drop, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return jax.tree.map(lambda spec: PartitionSpec(*(strip(a) for a in spec)), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def zero_shardings(shardings: Any, shard_over_fsdp: bool) -> Any:
+    """`zero_specs` on a tree of NamedShardings."""
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, zero_specs(s.spec, shard_over_fsdp)), shardings,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def kv_cache_sharding(mesh: Mesh, rules: LogicalRules, ndim: int) -> NamedSharding:
     """[B, S, K(, H)] cache arrays: batch like activations, kv heads over tensor."""
     names = ("batch", "length", "act_kv_heads", None)[:ndim]
     return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
+
+
+def global_batch(host_batch: dict, sharding: NamedSharding, global_rows: int) -> dict:
+    """Assemble the global jax.Array from this host's rows (each host passes only its slice)."""
+    def make(x):
+        shape = (global_rows, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+    return {k: make(v) for k, v in host_batch.items()}

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 import jax
+from tqdm import tqdm
 
 from tpustack import paths
 from tpustack.config import ModelConfig
@@ -119,8 +120,6 @@ class Progress:
     """A tqdm bar on stderr with ETA and the latest loss (process 0, interactive or not)."""
 
     def __init__(self, total: int, initial: int, desc: str):
-        from tqdm import tqdm
-
         self._bar = None
         if jax.process_index() == 0:
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from tpustack import paths
 from tpustack.errors import UserError
@@ -28,8 +29,6 @@ class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json, local or remote (read as text, no temp file)."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer
-
         self.name = path
         self._tok = Tokenizer.from_str(paths.read_bytes(path).decode("utf-8"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

@@ -27,6 +27,7 @@ from tpustack.infer.cache import init_cache
 from tpustack.infer.decode import DecodeState, Generator
 from tpustack.infer.sampling import filtered_logits
 from tpustack.model.transformer import Decoder, unstack_layers
+from tpustack.plan.cost import tokens_per_round
 
 _DRAFT, _ACCEPT, _RESAMPLE = 1, 2, 3  # key streams, so no two draws share randomness
 
@@ -153,9 +154,4 @@ def acceptance_stats(state: DecodeState, k: int) -> dict[str, float]:
     alpha = accepted / max(accepted + rejected, 1.0)
     return {"acceptance_rate": accepted / max(drafted, 1.0), "alpha": alpha,
             "tokens_per_round": (accepted + rounds) / max(rounds, 1.0),
-            "predicted_tokens_per_round": expected_tokens_per_round(alpha, k)}
-
-
-def expected_tokens_per_round(alpha: float, k: int) -> float:
-    """The chapter's (1 - a^(k+1)) / (1 - a): tokens per round at per-token acceptance a."""
-    return float(k + 1) if alpha == 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+            "predicted_tokens_per_round": tokens_per_round(alpha, k)}

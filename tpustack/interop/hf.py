@@ -11,18 +11,22 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 from typing import Any
 
 # Importing ml_dtypes registers bfloat16 with numpy, which is what lets
 # safetensors.numpy read and write BF16 tensors.
 import ml_dtypes  # noqa: F401
+import jax
 import numpy as np
 import safetensors.numpy
+from flax import linen as nn
 from flax.linen import meta
 
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
+from tpustack.model import abstract_params, stack_layers, unstack_layers
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # Buffers some older exports carry; recomputed from rope_theta, so safe to drop.
@@ -92,86 +96,113 @@ def config_from_hf(hf_config: dict, **overrides: Any) -> ModelConfig:
     return cfg
 
 
-def _layer_specs(cfg: ModelConfig) -> dict[tuple[str, str], tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    """(module, leaf) -> (HF name suffix, HF shape, our shape) for one decoder layer."""
-    d, f, n, k, h = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.heads_dim
-    return {
-        ("attn", "q"): ("self_attn.q_proj.weight", (n * h, d), (d, n, h)),
-        ("attn", "k"): ("self_attn.k_proj.weight", (k * h, d), (d, k, h)),
-        ("attn", "v"): ("self_attn.v_proj.weight", (k * h, d), (d, k, h)),
-        ("attn", "o"): ("self_attn.o_proj.weight", (d, n * h), (n, h, d)),
-        ("mlp", "gate"): ("mlp.gate_proj.weight", (f, d), (d, f)),
-        ("mlp", "up"): ("mlp.up_proj.weight", (f, d), (d, f)),
-        ("mlp", "down"): ("mlp.down_proj.weight", (d, f), (f, d)),
-        ("attn_norm", "scale"): ("input_layernorm.weight", (d,), (d,)),
-        ("mlp_norm", "scale"): ("post_attention_layernorm.weight", (d,), (d,)),
-    }
+# Our leaf (path in the unrolled param tree, `{i}` for the layer) -> HF tensor name. Shapes
+# and logical axes come from the model's own tree (tpustack.model.abstract_params).
+_HF_NAMES = {
+    ("embedding",): "model.embed_tokens.weight",
+    ("layer_{i}", "attn", "q"): "model.layers.{i}.self_attn.q_proj.weight",
+    ("layer_{i}", "attn", "k"): "model.layers.{i}.self_attn.k_proj.weight",
+    ("layer_{i}", "attn", "v"): "model.layers.{i}.self_attn.v_proj.weight",
+    ("layer_{i}", "attn", "o"): "model.layers.{i}.self_attn.o_proj.weight",
+    ("layer_{i}", "mlp", "gate"): "model.layers.{i}.mlp.gate_proj.weight",
+    ("layer_{i}", "mlp", "up"): "model.layers.{i}.mlp.up_proj.weight",
+    ("layer_{i}", "mlp", "down"): "model.layers.{i}.mlp.down_proj.weight",
+    ("layer_{i}", "attn_norm", "scale"): "model.layers.{i}.input_layernorm.weight",
+    ("layer_{i}", "mlp_norm", "scale"): "model.layers.{i}.post_attention_layernorm.weight",
+    ("final_norm", "scale"): "model.norm.weight",
+    ("lm_head",): "lm_head.weight",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One of our leaves and its HF tensor: torch Linear weights are [out, in], ours
+    [*in, *out] with the heads split, so a matmul weight maps by a reshape and a transpose."""
+
+    path: tuple[str, ...]  # in our unrolled tree
+    hf_name: str
+    shape: tuple[int, ...]  # ours
+    contract: int  # our leading input dims of a matmul weight; 0: stored as is (embedding, norms)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        if not self.contract:
+            return self.shape
+        return (math.prod(self.shape[self.contract:]), math.prod(self.shape[:self.contract]))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if not self.contract:
+            return np.ascontiguousarray(x)
+        # The transpose makes a view; safetensors needs contiguous buffers.
+        return np.ascontiguousarray(x.reshape(self.hf_shape[::-1]).T)
+
+    def from_hf(self, x: np.ndarray) -> np.ndarray:
+        return x if not self.contract else x.T.reshape(self.shape)
+
+
+def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+    """Every leaf of cfg's (unrolled) param tree with its HF name, derived from eval_shape of the model.
+
+    A matmul weight's input dims are the ones before `embed` when `embed` is its output
+    (o, down), else `embed` alone (q, k, v, gate, up, lm_head); the embedding is [V, D] on
+    both sides."""
+    boxed = abstract_params(dataclasses.replace(cfg, scan_layers=False, weight_quant="none"))
+    tree, names = nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+    maps = []
+    for (path, leaf), (_, axes) in zip(jax.tree_util.tree_leaves_with_path(tree),
+                                       jax.tree_util.tree_leaves_with_path(names, is_leaf=_is_spec)):
+        keys = tuple(k.key for k in path)
+        layer = keys[0].removeprefix("layer_") if keys[0].startswith("layer_") else None
+        pattern = ("layer_{i}", *keys[1:]) if layer is not None else keys
+        if pattern not in _HF_NAMES:
+            raise ValueError(f"no Hugging Face name for parameter {'/'.join(keys)}")
+        axes = tuple(axes)
+        matmul = len(leaf.shape) >= 2 and keys != ("embedding",)
+        contract = (len(axes) - 1 if axes[-1] == "embed" else 1) if matmul else 0
+        maps.append(TensorMap(keys, _HF_NAMES[pattern].format(i=layer), tuple(leaf.shape), contract))
+    return maps
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, jax.sharding.PartitionSpec)
 
 
 def params_from_hf_state(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
     """HF tensor dict -> our param tree (numpy, cfg.param_dtype, scanned if cfg.scan_layers)."""
     dtype = _np_dtype(cfg.param_dtype)
     used = set()
-
-    def take(name: str, hf_shape: tuple[int, ...]) -> np.ndarray:
-        if name not in state:
-            raise UserError(f"checkpoint: tensor {name} is missing (expected shape {list(hf_shape)})")
-        value = np.asarray(state[name])
-        if value.shape != hf_shape:
-            raise UserError(f"checkpoint: tensor {name} has shape {list(value.shape)}, expected "
-                            f"{list(hf_shape)} from config.json")
-        used.add(name)
-        return value
-
-    v, d = cfg.vocab_size, cfg.d_model
-    params: dict[str, Any] = {
-        "embedding": np.ascontiguousarray(take("model.embed_tokens.weight", (v, d)), dtype=dtype)}
-    layers = []
-    for i in range(cfg.num_layers):
-        layer: dict[str, dict[str, np.ndarray]] = {}
-        for (module, leaf), (suffix, hf_shape, shape) in _layer_specs(cfg).items():
-            value = take(f"model.layers.{i}.{suffix}", hf_shape).T.reshape(shape)
-            layer.setdefault(module, {})[leaf] = np.ascontiguousarray(value, dtype=dtype)
-        layers.append(layer)
-    if cfg.scan_layers:
-        stacked = {m: {leaf: np.stack([layer[m][leaf] for layer in layers]) for leaf in leaves}
-                   for m, leaves in layers[0].items()} if layers else {}
-        params["layers"] = {"block": stacked}
-    else:
-        params.update({f"layer_{i}": layer for i, layer in enumerate(layers)})
-    params["final_norm"] = {"scale": np.ascontiguousarray(take("model.norm.weight", (d,)), dtype=dtype)}
+    params: dict[str, Any] = {}
+    for m in tensor_maps(cfg):
+        if m.hf_name not in state:
+            raise UserError(f"checkpoint: tensor {m.hf_name} is missing (expected shape {list(m.hf_shape)})")
+        value = np.asarray(state[m.hf_name])
+        if value.shape != m.hf_shape:
+            raise UserError(f"checkpoint: tensor {m.hf_name} has shape {list(value.shape)}, expected "
+                            f"{list(m.hf_shape)} from config.json")
+        used.add(m.hf_name)
+        node = params
+        for key in m.path[:-1]:
+            node = node.setdefault(key, {})
+        node[m.path[-1]] = np.ascontiguousarray(m.from_hf(value), dtype=dtype)
     if cfg.tie_embeddings:
         used.add("lm_head.weight")  # a tied export may still carry the shared copy
-    else:
-        params["lm_head"] = np.ascontiguousarray(take("lm_head.weight", (v, d)).T, dtype=dtype)
     # Leftover tensors mean the checkpoint has something the Decoder would silently drop.
     extra = sorted(n for n in state if n not in used and not n.endswith(_IGNORED_SUFFIXES))
     if extra:
         shown = ", ".join(extra[:3]) + (f" (+{len(extra) - 3} more)" if len(extra) > 3 else "")
         raise UserError(f"checkpoint: unexpected tensors {shown}; this architecture is not supported")
-    return params
+    return stack_layers(params, cfg) if cfg.scan_layers else params
 
 
 def params_to_hf_state(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Our param tree (boxed or not, any arrays) -> HF tensor dict in the params' dtype."""
-    params = meta.unbox(params)
-
-    def out(x: Any, hf_shape: tuple[int, ...]) -> np.ndarray:
-        # The transpose makes a view; safetensors needs contiguous buffers.
-        return np.ascontiguousarray(np.asarray(x).reshape(hf_shape[::-1]).T)
-
-    v, d = cfg.vocab_size, cfg.d_model
-    state = {"model.embed_tokens.weight": np.ascontiguousarray(np.asarray(params["embedding"]))}
-    for i in range(cfg.num_layers):
-        for (module, leaf), (suffix, hf_shape, _) in _layer_specs(cfg).items():
-            if cfg.scan_layers:
-                value = params["layers"]["block"][module][leaf][i]
-            else:
-                value = params[f"layer_{i}"][module][leaf]
-            state[f"model.layers.{i}.{suffix}"] = out(value, hf_shape)
-    state["model.norm.weight"] = out(params["final_norm"]["scale"], (d,))
-    if not cfg.tie_embeddings:
-        state["lm_head.weight"] = out(params["lm_head"], (v, d))
+    """Our param tree (boxed or not, scanned or not, any arrays) -> HF tensor dict in the params' dtype."""
+    params = unstack_layers(meta.unbox(params), cfg)
+    state = {}
+    for m in tensor_maps(cfg):
+        node = params
+        for key in m.path:
+            node = node[key]
+        state[m.hf_name] = m.to_hf(np.asarray(node))
     return state
 
 

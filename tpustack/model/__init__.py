@@ -1,5 +1,5 @@
 """Llama-family decoder in Flax linen."""
 
-from tpustack.model.transformer import Decoder, cross_entropy
+from tpustack.model.transformer import Decoder, abstract_params, cross_entropy, loss_sums, stack_layers, unstack_layers
 
-__all__ = ["Decoder", "cross_entropy"]
+__all__ = ["Decoder", "abstract_params", "cross_entropy", "loss_sums", "stack_layers", "unstack_layers"]

@@ -9,12 +9,15 @@ the compute `dtype` where they are used, so gradients land in the master dtype.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from tpustack.config import ModelConfig
+from tpustack.kernels import decode_attention, flash_attention
+from tpustack.model.quant import quantized_dense
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -62,8 +65,6 @@ def linear(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...]
     if cfg.weight_quant == "none":
         w = param(module, name, (*in_shape, *out_shape), names, cfg, std=std)
         return dense(x, w, contract=len(in_shape))
-    from tpustack.model.quant import quantized_dense
-
     flat_names = (names[0], names[len(in_shape)])  # [K, N]: the leading name of each side
     return quantized_dense(module, name, x, in_shape, out_shape, flat_names, cfg)
 
@@ -82,10 +83,6 @@ def use_kernels(cfg: ModelConfig) -> str | None:
 def kernel_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, impl: str) -> jax.Array:
     """Causal flash attention from tpustack.kernels; inside shard_map when on a mesh, since a
     Pallas call sees one device's block (batch over data x fsdp, heads over tensor)."""
-    from functools import partial
-
-    from tpustack.kernels import flash_attention
-
     fn = partial(flash_attention, causal=True, impl=impl)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -175,8 +172,6 @@ class Attention(nn.Module):
             # hold stale entries (padding, rejected drafts) and are masked
             impl = use_kernels(cfg)
             if impl is not None and q_BTNH.shape[1] == 1:  # a decode step: the decode kernel
-                from tpustack.kernels import decode_attention
-
                 out_BNH = decode_attention(q_BTNH[:, 0], cache.k_BSKH, cache.v_BSKH, positions_BT[:, 0] + 1,
                                            k_scale_BSK=cache.k_scale_BSK, v_scale_BSK=cache.v_scale_BSK,
                                            impl=impl)

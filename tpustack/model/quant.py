@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from tpustack.kernels import int4_matmul, int8_matmul, quantize_int4, quantize_int8
+
 WEIGHT_QUANT = ("none", "int8", "int4")
 _MATMUL_WEIGHTS = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
 
@@ -25,8 +27,6 @@ _MATMUL_WEIGHTS = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
 def quantized_dense(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...],
                     out_shape: tuple[int, ...], names: tuple[str | None, str | None], cfg) -> jax.Array:
     """x [..., *in] @ W [*in, *out] with W quantized; `names` are the flat [K, N] logical axes."""
-    from tpustack.kernels import int4_matmul, int8_matmul
-
     k, n = math.prod(in_shape), math.prod(out_shape)
     zeros = nn.initializers.zeros
     if cfg.weight_quant == "int8":
@@ -46,8 +46,6 @@ def quantized_dense(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[
 
 def quantize_params(params: dict, mode: str) -> dict:
     """A float param tree (unrolled layers) -> the tree a `weight_quant=mode` Decoder expects."""
-    from tpustack.kernels import quantize_int4, quantize_int8
-
     if mode not in ("int8", "int4"):
         raise ValueError(f"weight_quant {mode!r} is not int8 or int4")
 

@@ -1,4 +1,4 @@
-"""Mixed precision: compute dtypes per policy and dynamic loss scaling for fp16.
+"""Mixed precision: dynamic loss scaling for fp16 (the compute dtype is settled in config.to_config).
 
 fp16 gradients underflow, so the loss is multiplied by a scale S before backprop and the
 gradients divided by S after. A step whose gradients are not finite is skipped and S is
@@ -11,16 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tpustack.config import ModelConfig, TrainConfig
-
-COMPUTE_DTYPE = {"f32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def apply_precision(model: ModelConfig, train: TrainConfig) -> ModelConfig:
-    """The model config with its compute dtype set by train.precision; master weights stay fp32."""
-    import dataclasses
-
-    return dataclasses.replace(model, dtype=COMPUTE_DTYPE[train.precision], param_dtype="float32")
+from tpustack.config import TrainConfig
 
 
 @struct.dataclass

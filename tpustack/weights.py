@@ -1,0 +1,103 @@
+"""The one way in for weights: a tpustack workdir or a Hugging Face directory -> (ModelConfig,
+params, tokenizer), placed on the caller's mesh (one device by default).
+
+Every command that needs only weights (generate, eval, bench, serve, quantize, export, a
+distillation teacher) comes through `load_weights`; none of them builds an optimizer. A
+workdir's checkpoint is read params-only (checkpoint.Checkpointer.restore_params), straight
+into its shardings. The params come back with unrolled layers (`layer_i`), the layout the
+decode loop wants; a scanned checkpoint is split one leaf at a time, so the peak stays at
+one copy of the params plus the largest leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from tpustack.checkpoint import Checkpointer, checkpoint_dir
+from tpustack.config import ModelConfig
+from tpustack.data import load_tokenizer
+from tpustack.errors import UserError
+from tpustack.interop.hf import load_hf_checkpoint
+from tpustack.mesh import param_shardings, rules_for
+from tpustack.model import Decoder, abstract_params
+
+
+class Weights(NamedTuple):
+    cfg: ModelConfig  # scan_layers False: the params are unrolled
+    params: Any
+    tokenizer: Any  # None when the checkpoint names none (ids only)
+
+
+def weights_kind(path: str) -> str:
+    """'workdir' (WORKDIR/checkpoints) or 'hf' (config.json + *.safetensors); else a UserError."""
+    if os.path.isdir(checkpoint_dir(path)):
+        return "workdir"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    if path.endswith(".gguf"):
+        raise UserError(f"--checkpoint {path!r}: GGUF import is not supported yet; convert it to a Hugging "
+                        f"Face directory first")
+    raise UserError(f"--checkpoint {path!r}: neither a tpustack workdir (with checkpoints/) nor a "
+                    f"Hugging Face directory (with config.json)")
+
+
+def _shardings(cfg: ModelConfig, mesh: Mesh | None, rules: str) -> Any:
+    """Where each param goes: by the rules table on a mesh, else whole on the first device."""
+    if mesh is not None:
+        return param_shardings(cfg, mesh, rules_for(rules))
+    one = SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: one, nn.meta.unbox(abstract_params(cfg)))
+
+
+def _unroll(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """Scanned {"layers": {"block": [L, ...]}} -> {"layer_i": ...}, freeing each stacked leaf
+    once it is split, so the peak is one copy plus one leaf."""
+    cfg = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
+    if "layers" not in params:
+        return params, cfg
+    params = dict(params)
+    leaves, treedef = jax.tree.flatten(params.pop("layers")["block"])
+    per_layer: list[list[Any]] = [[] for _ in range(cfg.num_layers)]
+    while leaves:
+        stacked = leaves.pop(0)
+        for i in range(cfg.num_layers):
+            per_layer[i].append(stacked[i])
+        del stacked
+    for i, layer in enumerate(per_layer):
+        params[f"layer_{i}"] = jax.tree.unflatten(treedef, layer)
+    return params, cfg
+
+
+def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") -> Weights:
+    """(ModelConfig, params, tokenizer) of a workdir's latest checkpoint or an HF directory."""
+    if weights_kind(path) == "workdir":
+        ckpt = Checkpointer(path, read_only=True)
+        try:
+            config = ckpt.config()
+            params = ckpt.restore_params(config.model, _shardings(config.model, mesh, rules))
+        finally:
+            ckpt.close()
+        params, cfg = _unroll(params, config.model)
+        return Weights(cfg, params, load_tokenizer(config.data.tokenizer))
+    cfg, host_params = load_hf_checkpoint(path)
+    cfg = dataclasses.replace(cfg, scan_layers=False)
+    params = jax.device_put(host_params, _shardings(cfg, mesh, rules))
+    del host_params
+    tokenizer = load_tokenizer(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    return Weights(cfg, params, tokenizer)
+
+
+def init_weights(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0, rules: str = "default") -> Weights:
+    """Random weights of `cfg` (benchmarks, tests), created directly in their shardings."""
+    cfg = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
+    shardings = _shardings(cfg, mesh, rules)
+    init = jax.jit(lambda key: nn.meta.unbox(Decoder(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]),
+                   out_shardings=shardings)
+    return Weights(cfg, init(jax.random.key(seed)), None)
