@@ -113,3 +113,23 @@ def test_bf16_compute_keeps_fp32_master_weights_and_tracks_f32():
         losses[precision] = float(metrics["loss"])
     assert losses["bf16"] != losses["f32"]  # really computed in bf16
     np.testing.assert_allclose(losses["bf16"], losses["f32"], rtol=2e-2)
+
+
+def test_params_only_restore_equals_the_train_state_params(tmp_path):
+    """load_weights reads params only, a group at a time (a stacked layer tree leaf by leaf),
+    onto one device or a mesh; every array equals the full train state's restore."""
+    from tpustack.model import unstack_layers
+    from tpustack.weights import load_weights
+
+    config = tiny_config(mesh__fsdp=8, train__steps=2, model__scan_layers=True)
+    workdir = str(tmp_path / "scanned")
+    train(config, workdir, quiet=True)
+    _, _, state = load_trained(workdir, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    want = jax.device_get(unstack_layers(state.params, config.model))
+    for mesh in (None, make_mesh(config.mesh)):
+        cfg, params, tokenizer = load_weights(workdir, mesh)
+        assert not cfg.scan_layers and tokenizer.name == "byte"
+        assert jax.tree.structure(params) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+    assert params["layer_0"]["mlp"]["gate"].sharding.spec[0] == "fsdp"

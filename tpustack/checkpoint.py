@@ -8,6 +8,7 @@ process killed mid-save leaves a temporary directory that `latest_step` never pi
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from flax import linen as nn
 
+from tpustack import paths
 from tpustack.config import CheckpointConfig, Config, ModelConfig, config_from_dict, config_to_dict
 from tpustack.errors import UserError
 from tpustack.model import abstract_params
@@ -27,13 +29,40 @@ RESTORE_CONCURRENT_GB = 0.25
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """WORKDIR/checkpoints: absolute when local (orbax wants that), the URL as given when remote."""
+    return paths.join(workdir if paths.is_remote(workdir) else os.path.abspath(workdir), "checkpoints")
 
 
 def _restore_args(target: Any) -> Any:
     """Read each array straight into its target's sharding and dtype."""
     return jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
                         target)
+
+
+def _at(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def _restore_groups(params: dict) -> list[tuple[str, ...]]:
+    """Paths of the subtrees params-only restores read one at a time: each top-level entry,
+    split into its children while it holds more than 1/16 of the bytes and a dict to split."""
+    total = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(params))
+
+    def split(path: tuple[str, ...], node: Any) -> list[tuple[str, ...]]:
+        size = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(node))
+        if isinstance(node, dict) and path and size > total / 16:
+            return [p for key, child in node.items() for p in split((*path, key), child)]
+        return [path]
+
+    return [p for key, child in params.items() for p in split((key,), child)]
 
 
 class Checkpointer:
@@ -49,7 +78,8 @@ class Checkpointer:
         self.periodic = cfg.every > 0
         handlers = {"state": ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB),
                     "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.manager = ocp.CheckpointManager(paths.as_path(self.directory), options=options,
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -82,12 +112,24 @@ class Checkpointer:
         """Only the parameters (no optimizer state), read straight into `shardings` (any mesh).
 
         The target is eval_shape of the model, so nothing but the params is ever allocated:
-        orbax's partial restore skips the Adam moments, 2x the params, on disk."""
+        orbax's partial restore skips the Adam moments, 2x the params, on disk. A read holds a
+        host and a device copy of what it reads, so it reads a group at a time (the embedding,
+        a layer, the head; a stacked layer tree leaf by leaf): the peak is one copy of the
+        params plus one group."""
+        step = self._step(step)
         params = nn.meta.unbox(abstract_params(cfg))
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
-        args = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": _restore_args(target)},
-                                      partial_restore=True)
-        return self.manager.restore(self._step(step), args=ocp.args.Composite(state=args))["state"]["params"]
+        out: dict = {}
+        for path in _restore_groups(params):
+            group, where = _at(params, path), _at(shardings, path)
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), group, where)
+            item, args = _nest(path, target), _nest(path, _restore_args(target))
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item={"params": item}, restore_args={"params": args}, partial_restore=True)))
+            node = out
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = _at(restored["state"]["params"], path)
+        return out
 
     def config(self, step: int | None = None) -> Config:
         """The typed config saved beside a checkpoint."""
