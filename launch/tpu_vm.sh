@@ -332,17 +332,24 @@ run_remote_command() {
 # A multi-host job with a local workdir cannot resume: every host writes only its own shards
 # into its own disk, no host holds a whole checkpoint, and a spot VM loses its disk when preempted.
 workdir_checked=0
-check_workdir() {
-  [ "$workdir_checked" = 0 ] || return 0
-  workdir_checked=1
-  local sub="${tpustack_args[0]:-}" workdir="" i
-  case "$sub" in train|distill) ;; *) return 0 ;; esac
+# The --workdir given to tpustack (empty when none).
+workdir_arg() {
+  local workdir="" i
   for ((i = 0; i < ${#tpustack_args[@]}; i++)); do
     case "${tpustack_args[i]}" in
       --workdir) workdir="${tpustack_args[i + 1]:-}" ;;
       --workdir=*) workdir="${tpustack_args[i]#--workdir=}" ;;
     esac
   done
+  printf '%s' "$workdir"
+}
+
+check_workdir() {
+  [ "$workdir_checked" = 0 ] || return 0
+  workdir_checked=1
+  local sub="${tpustack_args[0]:-}" workdir
+  case "$sub" in train|distill) ;; *) return 0 ;; esac
+  workdir=$(workdir_arg)
   [[ "$workdir" == gs://* ]] && return 0
   local shown="${workdir:-runs/<config name> (the default)}" workers=""
   if [ -n "$accelerator" ]; then
@@ -403,13 +410,8 @@ tail_logs() {
 prepare_project() {
   need --project "$project"
   run gcloud services enable tpu.googleapis.com --project="$project"
-  local sub="${tpustack_args[0]:-}" workdir="" i
-  for ((i = 0; i < ${#tpustack_args[@]}; i++)); do
-    case "${tpustack_args[i]}" in
-      --workdir) workdir="${tpustack_args[i + 1]:-}" ;;
-      --workdir=*) workdir="${tpustack_args[i]#--workdir=}" ;;
-    esac
-  done
+  local sub="${tpustack_args[0]:-}" workdir
+  workdir=$(workdir_arg)
   [[ "$sub" =~ ^(train|distill)$ && "$workdir" == gs://* ]] || return 0
   local bucket="${workdir#gs://}"
   bucket="gs://${bucket%%/*}"
