@@ -48,17 +48,6 @@ def op_times(trace_dir: str) -> dict[str, list[float]]:
     return out
 
 
-def find_jitted(fn, depth: int = 4):
-    """The jitted function inside trainer.train_step's wrappers (mesh context, extra args)."""
-    if hasattr(fn, "lower"):
-        return fn
-    for cell in (getattr(fn, "__closure__", None) or ()) if depth else ():
-        found = find_jitted(cell.cell_contents, depth - 1) if callable(cell.cell_contents) else None
-        if found is not None:
-            return found
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "bench_125m.py"))
@@ -109,15 +98,7 @@ def main() -> None:
     for name, t in rows:
         print(f"{name:<22}{t:8.2f} s  {args.batch * args.seq / t:8.1f} tokens/s", flush=True)
     if args.hlo:
-        from tpustack.mesh import mesh_context, rules_for
-
-        jitted = find_jitted(trainer.train_step)
-        with mesh_context(trainer.mesh, rules_for(config.mesh.rules)):
-            try:
-                lowered = jitted.lower(trainer.abstract_state, batch)
-            except (TypeError, ValueError):  # a train step that also takes (absent) teacher params
-                lowered = jitted.lower(trainer.abstract_state, batch, None)
-            compiled = lowered.compile()
+        compiled = trainer.lower_train_step(args.batch, args.seq).compile()
         with open(args.hlo, "w") as f:
             f.write(compiled.as_text())
         print(f"wrote {args.hlo}")
