@@ -162,6 +162,8 @@ class Attention(nn.Module):
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "act_heads", None))
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, positions_BT)
+            if hasattr(cache, "attend"):  # a paged cache (tpustack.infer.paged) owns its attention
+                return project_out(cache.attend(q_BTNH, positions_BT)), cache
             if prefill:  # prompts start at 0: attend over their own keys, not the whole (empty) cache
                 t = x_BTD.shape[1]
                 if use_kernels(cfg) is not None:

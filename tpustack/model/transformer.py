@@ -59,7 +59,8 @@ class Decoder(nn.Module):
 
     With `cache` (a tuple of per-layer LayerCaches, see tpustack.infer.cache) it returns
     (logits, new cache): keys/values are written at `positions_BT`. `prefill=True` says the
-    tokens are whole prompts from position 0, so attention needs only their own keys. Decoding runs the
+    tokens are whole prompts from position 0, so attention needs only their own keys. `select_BS`
+    (indices into T) returns logits [B, S, V] at those positions only. Decoding runs the
     layers unrolled (see `unstack_layers`): per-layer caches stay separate buffers that
     update in place, where slicing a stacked cache inside a loop would copy it.
     """
@@ -71,7 +72,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, cache=None,
-                 prefill: bool = False):
+                 prefill: bool = False, select_BS: jax.Array | None = None):
         cfg = self.cfg
         pipelined = self.pipeline is not None and cache is None and not self.is_initializing()
         if pipelined and positions_BT is not None:
@@ -103,6 +104,8 @@ class Decoder(nn.Module):
             block = block_class(cfg)
             for i in range(cfg.num_layers):
                 x_BTD = block(cfg, name=f"layer_{i}")(x_BTD, cos_BTH, sin_BTH)
+        if select_BS is not None:  # logits only at these positions (the serving engine's last tokens)
+            x_BTD = jnp.take_along_axis(x_BTD, select_BS[..., None], axis=1)
         x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
             logits_BTV = dense(x_BTD, embedding_VD.T)

@@ -1,0 +1,152 @@
+"""The serving engine: every request's output equals its solo output from the decode loop.
+
+The oracle is tpustack.infer.decode.Generator on one request at a time (batch 1). Solo
+runs always ask for SOLO_MAX tokens and are cut to the request's max_tokens: tokens do
+not depend on how many more are asked for, and one output length keeps its compiles few.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.linen import meta
+
+from tpustack.config import ModelConfig
+from tpustack.errors import UserError
+from tpustack.infer.decode import Generator
+from tpustack.infer.engine import Engine, EngineConfig
+from tpustack.infer.sampling import SamplingParams
+from tpustack.model import Decoder
+
+CFG = ModelConfig(vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
+                  max_seq_len=128, init_std=0.3)
+SOLO_MAX = 24
+# 64 sequences at once; few compiled shapes (2 token x 2 sequence buckets)
+WIDE = EngineConfig(page_size=8, num_pages=400, max_seqs=64, token_budget=256, chunk_size=16,
+                    token_buckets=(64, 256), seq_buckets=(16, 64))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return meta.unbox(Decoder(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+@pytest.fixture(scope="module")
+def solo(params):
+    gen, memo = Generator(CFG, params), {}
+
+    def run(prompt, max_tokens, sampling=SamplingParams()):
+        key = (tuple(prompt), sampling)
+        if key not in memo:
+            memo[key] = gen.generate([prompt], SOLO_MAX, sampling, chunk=SOLO_MAX)[0]
+        return memo[key][:max_tokens]
+    return run
+
+
+def workload(n, seed, lengths=(1, 41), outs=(1, SOLO_MAX + 1)):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, CFG.vocab_size, int(k)).tolist() for k in rng.integers(*lengths, n)]
+    return prompts, [int(m) for m in rng.integers(*outs, n)]
+
+
+def drive(engine: Engine) -> int:
+    """Run to completion; the most requests running at once."""
+    most = 0
+    while engine.has_work():
+        engine.step()
+        most = max(most, len(engine.running))
+        engine.pool.check()
+    assert engine.pool.available() == engine.pool.capacity  # every page came back
+    return most
+
+
+def test_64_at_once_mixed_lengths_chunked_prompts_match_solo(params, solo):
+    prompts, outs = workload(64, seed=0, outs=(8, SOLO_MAX + 1))  # long enough to all overlap
+    engine = Engine(CFG, params, WIDE)
+    ids = [engine.add(p, m) for p, m in zip(prompts, outs)]
+    assert drive(engine) == 64
+    for i, p, m in zip(ids, prompts, outs):
+        assert engine.requests[i].output == solo(p, m), f"request {i} (prompt {len(p)}, max {m})"
+    long = [engine.requests[i] for i, p in zip(ids, prompts) if len(p) > WIDE.chunk_size]
+    assert len(long) > 10 and all(r.chunks >= 1 for r in long)  # prefilled in chunks beside others
+
+
+def test_small_pool_preempts_and_recomputes(params, solo):
+    prompts, outs = workload(32, seed=1)
+    cfg = EngineConfig(page_size=8, num_pages=12, max_seqs=8, token_budget=32, chunk_size=16,
+                       token_buckets=(16, 32), seq_buckets=(8,))
+    engine = Engine(CFG, params, cfg)
+    ids = [engine.add(p, m) for p, m in zip(prompts, outs)]
+    drive(engine)
+    preempted = sum(engine.requests[i].preemptions > 0 for i in ids)
+    assert preempted >= 0.1 * len(ids), preempted
+    for i, p, m in zip(ids, prompts, outs):
+        assert engine.requests[i].output == solo(p, m), f"request {i} (preempted {engine.requests[i].preemptions}x)"
+
+
+def test_shared_prefix_hits_the_cache(params, solo):
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(0, CFG.vocab_size, 32).tolist()  # 4 full pages
+    prompts = [prefix + rng.integers(0, CFG.vocab_size, int(k)).tolist() for k in rng.integers(1, 9, 16)]
+    outs = [int(m) for m in rng.integers(1, SOLO_MAX + 1, 16)]
+    engine = Engine(CFG, params, WIDE)
+    first = engine.add(prompts[0], outs[0])
+    engine.step(), engine.step()  # the first request's prompt (2 chunks of 16) is now cached
+    ids = [first] + [engine.add(p, m) for p, m in zip(prompts[1:], outs[1:])]
+    drive(engine)
+    assert engine.pool.stats.prefix_hits >= 15 * 4
+    for i, p, m in zip(ids, prompts, outs):
+        assert engine.requests[i].output == solo(p, m)
+    # caching off: the same outputs, no hits
+    off = Engine(CFG, params, EngineConfig(**{**WIDE.__dict__, "prefix_caching": False}))
+    assert off.generate(prompts, outs) == [engine.requests[i].output for i in ids]
+    assert off.pool.stats.prefix_hits == 0
+
+
+def test_seeded_sampling_matches_solo(params, solo):
+    prompts, outs = workload(12, seed=3)
+    sampling = [SamplingParams(temperature=0.9, top_k=(0, 20)[i % 2], top_p=(1.0, 0.9)[i % 3 == 0], seed=i)
+                for i in range(12)]
+    got = Engine(CFG, params, WIDE).generate(prompts, outs, sampling)
+    assert got == [solo(p, m, s) for p, m, s in zip(prompts, outs, sampling)]
+    assert got != Engine(CFG, params, WIDE).generate(prompts, outs)  # it did sample
+
+
+def test_no_compiles_once_warm(params):
+    engine = Engine(CFG, params, WIDE)
+    before = engine.compiled_shapes()  # engines on one model config share the jitted step
+    engine.generate(*workload(64, seed=4))  # warm: WIDE's (tokens, sequences) buckets
+    warm = engine.compiled_shapes()
+    assert warm - before <= len(WIDE.token_buckets) * len(WIDE.seq_buckets)
+    engine.generate(*workload(40, seed=5))
+    engine.generate(*workload(5, seed=6, lengths=(30, 60)))
+    engine.generate(*workload(1, seed=7))
+    assert engine.compiled_shapes() == warm
+
+
+def test_stops_cancel_and_bad_requests(params, solo):
+    prompts, _ = workload(3, seed=7)
+    full = [solo(p, SOLO_MAX) for p in prompts]
+    engine = Engine(CFG, params, WIDE, detokenize=lambda toks: "".join(f"<{t}>" for t in toks))
+    by_token = engine.add(prompts[0], SOLO_MAX, stop_token_ids=[full[0][5]])
+    pair = full[1][2:4]
+    by_string = engine.add(prompts[1], SOLO_MAX, stop=["<%d><%d>" % tuple(pair)])
+    cancelled = engine.add(prompts[2], SOLO_MAX)
+    for _ in range(3):
+        engine.step()
+    in_use = engine.pool.in_use()
+    engine.cancel(cancelled)
+    assert engine.pool.in_use() < in_use and engine.requests[cancelled].finish_reason == "cancelled"
+    drive(engine)
+    stop_at = full[0].index(full[0][5]) + 1
+    assert engine.requests[by_token].output == full[0][:stop_at]
+    first = next(j for j in range(SOLO_MAX) if full[1][j:j + 2] == pair)
+    assert engine.requests[by_string].output == full[1][:first + 2]
+    assert engine.requests[by_token].finish_reason == engine.requests[by_string].finish_reason == "stop"
+    with pytest.raises(UserError, match="max_tokens 100: with a 40-token prompt"):
+        engine.add([1] * 40, 100)
+    with pytest.raises(UserError, match="prompt: is empty"):
+        engine.add([], 4)
+    small = Engine(CFG, params, EngineConfig(page_size=8, num_pages=4, max_seqs=4, token_budget=16))
+    with pytest.raises(UserError, match="more than the pool's 3 pages"):
+        small.add([1] * 20, 10)

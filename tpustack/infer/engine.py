@@ -1,0 +1,298 @@
+"""Continuous batching: iteration-level scheduling over a paged KV cache (chapter 30.4e).
+
+Each `step` hands a token budget across requests: running ones first (a decoding request
+takes 1 token, a request still prefilling takes its next chunk of prompt), then waiting
+ones in arrival order, so a long prompt is prefilled in chunks alongside others'
+decoding and there is no separate prefill phase. The step is one jitted call over a
+ragged batch (tpustack.infer.paged) padded to a token bucket x sequence bucket, so only
+a handful of shapes ever compile.
+
+Request invariant (the decode loop's, per request): its committed tokens are
+prompt + output; its pages hold keys/values for tokens[:computed]; it samples a new token
+in the step whose chunk reaches the end of its tokens. A preempted request drops its
+pages and waits with computed = 0; re-admitted, it recomputes prompt + output (its own
+full pages usually come back from the prefix cache) and samples the same next token,
+since a token's sampling key depends only on the request's seed and position.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tpustack.config import ModelConfig
+from tpustack.errors import UserError
+from tpustack.infer.paged import PAGED_DTYPES, init_pages, paged_step
+from tpustack.infer.pages import NULL_PAGE, PagePool
+from tpustack.infer.sampling import SamplingParams
+from tpustack.model.transformer import Decoder, unstack_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int = 256  # including the reserved null page
+    max_seqs: int = 16  # sequences per step
+    token_budget: int = 64  # tokens per step
+    chunk_size: int = 0  # most prompt tokens one request prefills per step; 0: the token budget
+    prefix_caching: bool = True
+    cache_dtype: str = "float32"
+    attention_impl: str = "auto"  # tpustack.kernels impl for paged attention
+    # the compiled step shapes; () means powers of two from 16 tokens / 4 sequences up to the limit
+    token_buckets: tuple[int, ...] = ()
+    seq_buckets: tuple[int, ...] = ()
+
+    def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(token buckets, sequence buckets), ascending; the last of each is the step's limit."""
+        pow2 = lambda lo, hi: tuple(sorted({min(1 << i, hi) for i in range(lo.bit_length() - 1,  # noqa: E731
+                                                                           hi.bit_length() + 1)}))
+        tokens = tuple(sorted(self.token_buckets)) or pow2(min(16, self.token_budget), self.token_budget)
+        seqs = tuple(sorted(self.seq_buckets)) or pow2(min(4, self.max_seqs), self.max_seqs)
+        return tokens, seqs
+
+    def check(self) -> None:
+        if self.cache_dtype not in PAGED_DTYPES:
+            raise UserError(f"cache_dtype {self.cache_dtype!r}: the paged cache takes one of {PAGED_DTYPES}")
+        if self.token_budget < self.max_seqs:
+            raise UserError(f"token_budget {self.token_budget} < max_seqs {self.max_seqs}: every scheduled "
+                            "sequence needs at least one token; raise token_budget")
+        if min(self.page_size, self.max_seqs, self.chunk_size + 1) < 1 or self.num_pages < 2:
+            raise UserError("page_size, max_seqs >= 1, chunk_size >= 0 and num_pages >= 2 are needed")
+        tokens, seqs = self.buckets()
+        if tokens[-1] < self.token_budget or seqs[-1] < self.max_seqs:
+            raise UserError(f"token_buckets {tokens} / seq_buckets {seqs}: the largest must hold token_budget "
+                            f"{self.token_budget} / max_seqs {self.max_seqs}")
+
+
+@dataclasses.dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop_token_ids: frozenset[int] = frozenset()
+    stop: tuple[str, ...] = ()
+    output: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    preemptions: int = 0
+    chunks: int = 0  # steps that fed part of the prompt without reaching its end
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    preemptions: int = 0
+    scheduled_tokens: int = 0
+    padded_tokens: int = 0
+
+
+class Engine:
+    """Requests in (`add`), tokens out (`step`): continuous batching over one model."""
+
+    def __init__(self, cfg: ModelConfig, params: Any, engine_cfg: EngineConfig = EngineConfig(),
+                 eos_id: int = -1, detokenize: Callable[[list[int]], str] | None = None):
+        engine_cfg.check()
+        self.cfg = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
+        self.params = unstack_layers(params, self.cfg)
+        self.ecfg, self.eos_id, self.detokenize = engine_cfg, eos_id, detokenize
+        self.chunk = engine_cfg.chunk_size or engine_cfg.token_budget
+        self.pool = PagePool(engine_cfg.num_pages, engine_cfg.page_size, engine_cfg.prefix_caching)
+        self.pages = init_pages(self.cfg, engine_cfg.num_pages, engine_cfg.page_size, engine_cfg.cache_dtype)
+        self.max_pages = self.pool.pages_for(self.cfg.max_seq_len)
+        self.token_buckets, self.seq_buckets = engine_cfg.buckets()
+        self._step = _jitted_step(self.cfg, engine_cfg.attention_impl)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.requests: dict[int, Request] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------
+
+    def add(self, prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None,
+            stop_token_ids=(), stop=()) -> int:
+        """Queue a request; returns its id."""
+        sampling = sampling or SamplingParams()
+        sampling.check()
+        limit = self.cfg.max_seq_len
+        if not prompt:
+            raise UserError("prompt: is empty; give at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
+            raise UserError(f"prompt: token ids must be in [0, {self.cfg.vocab_size})")
+        if max_tokens < 1 or len(prompt) + max_tokens > limit:
+            raise UserError(f"max_tokens {max_tokens}: with a {len(prompt)}-token prompt the model's context "
+                            f"({limit}) allows 1..{max(limit - len(prompt), 0)}")
+        if self.pool.pages_for(len(prompt) + max_tokens) > self.pool.capacity:
+            raise UserError(f"max_tokens {max_tokens}: prompt + output need more than the pool's "
+                            f"{self.pool.capacity} pages; ask for fewer tokens or give the engine more pages")
+        req = Request(next(self._ids), list(prompt), max_tokens, sampling,
+                      frozenset(stop_token_ids), tuple(stop))
+        self.requests[req.id] = req
+        self.waiting.append(req)
+        return req.id
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request now and free its pages."""
+        req = self.requests.get(rid)
+        if req is None or req.finish_reason is not None:
+            return
+        if req in self.running:
+            self.running.remove(req)
+            self.pool.release(rid)
+        else:
+            self.waiting.remove(req)
+        req.finish_reason = "cancelled"
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling -----------------------------------------------------------------
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.pool.release(req.id)
+        req.computed = 0
+        req.preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def schedule(self) -> list[tuple[Request, int]]:
+        """This step's (request, tokens to feed): running first, then waiting, within the budget."""
+        budget, batch, preempted = self.ecfg.token_budget, [], False
+        i = 0
+        while i < len(self.running) and budget > 0 and len(batch) < self.ecfg.max_seqs:
+            req = self.running[i]
+            n = min(len(req.tokens) - req.computed, budget, self.chunk)
+            while not self.pool.grow(req.id, req.computed + n):
+                preempted = True
+                victim = self.running[-1]  # the latest arrival yields its pages
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req not in self.running:
+                break
+            batch.append((req, n))
+            budget -= n
+            i += 1
+        while (not preempted and self.waiting and budget > 0 and len(batch) < self.ecfg.max_seqs):
+            req = self.waiting[0]
+            computed = self.pool.admit(req.id, req.tokens)
+            n = min(len(req.tokens) - computed, budget, self.chunk)
+            if not self.pool.grow(req.id, computed + n):
+                self.pool.release(req.id)
+                break
+            self.waiting.popleft()
+            req.computed = computed
+            self.running.append(req)
+            batch.append((req, n))
+            budget -= n
+        return batch
+
+    def _arrays(self, batch: list[tuple[Request, int]]) -> tuple:
+        """Pad the batch to its (tokens, sequences) bucket; sequence row S is all-null for padding."""
+        used = sum(n for _, n in batch)
+        t = next(b for b in self.token_buckets if b >= used)
+        s = next(b for b in self.seq_buckets if b >= len(batch))
+        tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
+        seq = np.full(t, s, np.int32)
+        tables = np.full((s + 1, self.max_pages), NULL_PAGE, np.int32)
+        last = np.zeros(s, np.int32)
+        temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
+        top_k, seed = np.zeros(s, np.int32), np.zeros(s, np.uint32)
+        at = 0
+        for row, (req, n) in enumerate(batch):
+            toks = req.tokens
+            tokens[at:at + n] = toks[req.computed:req.computed + n]
+            positions[at:at + n] = np.arange(req.computed, req.computed + n)
+            seq[at:at + n] = row
+            table = self.pool.table(req.id)
+            tables[row, :len(table)] = table
+            last[row] = at + n - 1
+            sp = req.sampling
+            temperature[row], top_k[row], top_p[row], seed[row] = sp.temperature, sp.top_k, sp.top_p, sp.seed
+            at += n
+        self.stats.scheduled_tokens += used
+        self.stats.padded_tokens += t - used
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        return tokens, positions, seq, tables, last, sampling
+
+    def step(self) -> list[tuple[int, list[int], str | None]]:
+        """One iteration: schedule, run the model once, commit. Returns (id, new tokens,
+        finish reason or None) for every request that produced a token or finished."""
+        batch = self.schedule()
+        if not batch:
+            return []
+        arrays = self._arrays(batch)
+        next_S, self.pages = self._step(self.params, self.pages, *(jnp.asarray(a) for a in arrays[:5]),
+                                        {k: jnp.asarray(v) for k, v in arrays[5].items()})
+        next_S = np.asarray(next_S)
+        self.stats.steps += 1
+        events = []
+        for row, (req, n) in enumerate(batch):
+            req.computed += n
+            self.pool.commit(req.id, req.tokens, req.computed)
+            if req.computed < len(req.tokens):
+                req.chunks += 1
+                continue  # mid-prompt chunk: nothing sampled yet
+            token = int(next_S[row])
+            req.output.append(token)
+            reason = self._finished(req)
+            if reason is not None:
+                req.finish_reason = reason
+                self.running.remove(req)
+                self.pool.release(req.id)
+            events.append((req.id, [token], reason))
+        return events
+
+    def _finished(self, req: Request) -> str | None:
+        token = req.output[-1]
+        if token == self.eos_id or token in req.stop_token_ids:
+            return "stop"
+        if req.stop and self.detokenize is not None:
+            text = self.detokenize(req.output)
+            if any(s in text for s in req.stop):
+                return "stop"
+        if len(req.output) >= req.max_tokens:
+            return "length"
+        return None
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.has_work():
+            self.step()
+
+    def generate(self, prompts: list[list[int]], max_tokens: int | list[int],
+                 sampling: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+        """All prompts at once through the engine; each request's output tokens."""
+        n = len(prompts)
+        max_new = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
+        params = sampling if isinstance(sampling, list) else [sampling] * n
+        ids = [self.add(p, m, s) for p, m, s in zip(prompts, max_new, params)]
+        self.run()
+        return [self.requests[i].output for i in ids]
+
+    def compiled_shapes(self) -> int:
+        """Shapes compiled so far by every engine on this model config (a test checks that
+        none are added once warm)."""
+        return self._step._cache_size()
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_step(cfg: ModelConfig, impl: str) -> Callable:
+    """One jitted step per (model config, attention impl): engines on the same model share
+    compiled shapes. The pages are donated: the step updates them in place."""
+    model = Decoder(cfg)
+    return jax.jit(lambda params, pages, *args: paged_step(model, params, pages, *args, impl=impl),
+                   donate_argnums=(1,))
