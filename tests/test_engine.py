@@ -25,6 +25,10 @@ SOLO_MAX = 24
 WIDE = EngineConfig(page_size=8, num_pages=400, max_seqs=64, token_budget=256, chunk_size=16,
                     token_buckets=(64, 256), seq_buckets=(16, 64))
 
+# 11 usable pages of 8 tokens: a few requests fill it, so growth preempts
+NARROW = EngineConfig(page_size=8, num_pages=12, max_seqs=8, token_budget=32, chunk_size=16,
+                      token_buckets=(16, 32), seq_buckets=(8,))
+
 
 @pytest.fixture(scope="module")
 def params():
@@ -73,15 +77,35 @@ def test_64_at_once_mixed_lengths_chunked_prompts_match_solo(params, solo):
 
 def test_small_pool_preempts_and_recomputes(params, solo):
     prompts, outs = workload(32, seed=1)
-    cfg = EngineConfig(page_size=8, num_pages=12, max_seqs=8, token_budget=32, chunk_size=16,
-                       token_buckets=(16, 32), seq_buckets=(8,))
-    engine = Engine(CFG, params, cfg)
+    engine = Engine(CFG, params, NARROW)
     ids = [engine.add(p, m) for p, m in zip(prompts, outs)]
     drive(engine)
     preempted = sum(engine.requests[i].preemptions > 0 for i in ids)
     assert preempted >= 0.1 * len(ids), preempted
     for i, p, m in zip(ids, prompts, outs):
         assert engine.requests[i].output == solo(p, m), f"request {i} (preempted {engine.requests[i].preemptions}x)"
+
+
+def test_arrivals_and_cancellations_while_running(params, solo):
+    rng = np.random.default_rng(8)
+    pending = list(zip(*workload(40, seed=8)))
+    engine, ids, cancelled = Engine(CFG, params, NARROW), {}, set()
+    while pending or engine.has_work():
+        for _ in range(int(rng.poisson(0.7))):  # Poisson arrivals between steps
+            if pending:
+                prompt, m = pending.pop()
+                ids[engine.add(prompt, m)] = (prompt, m)
+        if engine.running and rng.random() < 0.06:
+            victim = engine.running[int(rng.integers(0, len(engine.running)))].id
+            engine.cancel(victim)
+            cancelled.add(victim)
+        engine.step()
+        engine.pool.check()
+    assert engine.pool.available() == engine.pool.capacity
+    assert cancelled and engine.stats.preemptions > 0
+    for i, (prompt, m) in ids.items():
+        out = engine.requests[i].output
+        assert out == solo(prompt, m)[:len(out) if i in cancelled else m], f"request {i}"
 
 
 def test_shared_prefix_hits_the_cache(params, solo):
