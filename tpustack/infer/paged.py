@@ -36,6 +36,7 @@ class PagedLayerCache:
     v_PLKH: jax.Array
     table_TM: jax.Array
     impl: str = struct.field(pytree_node=False, default="auto")
+    interpret: bool | None = struct.field(pytree_node=False, default=None)  # None: on CPU only
 
     def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, positions_BT: jax.Array) -> "PagedLayerCache":
         """Scatter the step's keys/values (B == 1) into their pages."""
@@ -50,7 +51,7 @@ class PagedLayerCache:
     def attend(self, q_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Each token over its own sequence's keys up to and including its position."""
         out_TNH = paged_attention(q_BTNH[0], self.k_PLKH, self.v_PLKH, self.table_TM, positions_BT[0] + 1,
-                                  impl=self.impl)
+                                  impl=self.impl, interpret=self.interpret)
         return out_TNH[None].astype(q_BTNH.dtype)
 
 
@@ -69,7 +70,7 @@ def pages_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype: str = "
 
 def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, positions_T: jax.Array,
                seq_T: jax.Array, tables_SM: jax.Array, last_S: jax.Array, sampling: dict[str, jax.Array],
-               impl: str = "auto") -> tuple[jax.Array, tuple]:
+               impl: str = "auto", interpret: bool | None = None) -> tuple[jax.Array, tuple]:
     """Run the step's tokens, sample one token per sequence at its last token: (next [S], pages).
 
     `sampling` holds per-sequence temperature, top_k, top_p and seed [S]; the key of a
@@ -77,7 +78,7 @@ def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, p
     request samples the same tokens whatever shares its steps.
     """
     table_TM = tables_SM[seq_T]
-    caches = tuple(PagedLayerCache(k, v, table_TM, impl) for k, v in pages)
+    caches = tuple(PagedLayerCache(k, v, table_TM, impl, interpret) for k, v in pages)
     logits_BSV, caches = model.apply({"params": params}, tokens_T[None], positions_T[None], cache=caches,
                                      select_BS=last_S[None])
     params_S = {"temperature": sampling["temperature"], "top_k": sampling["top_k"], "top_p": sampling["top_p"],
