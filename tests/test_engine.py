@@ -5,6 +5,8 @@ runs always ask for SOLO_MAX tokens and are cut to the request's max_tokens: tok
 not depend on how many more are asked for, and one output length keeps its compiles few.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,3 +176,29 @@ def test_stops_cancel_and_bad_requests(params, solo):
     small = Engine(CFG, params, EngineConfig(page_size=8, num_pages=4, max_seqs=4, token_budget=16))
     with pytest.raises(UserError, match="more than the pool's 3 pages"):
         small.add([1] * 20, 10)
+
+
+def test_logprobs_and_timings(params, solo):
+    prompts, outs = workload(4, seed=9, outs=(3, 9))
+    engine = Engine(CFG, params, dataclasses.replace(WIDE, max_top_logprobs=3))
+    ids = [engine.add(p, m, logprobs=(0, 3)[i % 2]) for i, (p, m) in enumerate(zip(prompts, outs))]
+    plain = engine.add(prompts[0], outs[0])
+    drive(engine)
+    forward = jax.jit(lambda t: jax.nn.log_softmax(Decoder(CFG).apply({"params": params}, t)[0], axis=-1))
+    for n, (i, p) in enumerate(zip(ids, prompts)):
+        req = engine.requests[i]
+        assert req.output == solo(p, req.max_tokens)
+        tokens = p + req.output
+        logp_TV = np.asarray(forward(jnp.asarray([tokens + [0] * (64 - len(tokens))])))  # causal: padding is inert
+        rows = logp_TV[len(p) - 1:len(tokens) - 1]
+        np.testing.assert_allclose(req.output_logprobs, rows[np.arange(len(rows)), req.output], atol=1e-4)
+        if n % 2:
+            assert [[t for t, _ in top] for top in req.output_top] == np.argsort(-rows, axis=1)[:, :3].tolist()
+            assert all(top[0][0] == tok for top, tok in zip(req.output_top, req.output))  # greedy: the argmax
+        else:
+            assert req.output_top == []
+        assert req.arrival <= req.token_times[0] and req.token_times == sorted(req.token_times)
+        assert req.finish_time == req.token_times[-1]
+    assert engine.requests[plain].output_logprobs == []
+    with pytest.raises(UserError, match="top_logprobs 4: this engine returns 0..3"):
+        engine.add(prompts[0], 4, logprobs=4)

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import time
 from typing import Any, Callable
 
 import jax
@@ -48,6 +49,7 @@ class EngineConfig:
     # the compiled step shapes; () means powers of two from 16 tokens / 4 sequences up to the limit
     token_buckets: tuple[int, ...] = ()
     seq_buckets: tuple[int, ...] = ()
+    max_top_logprobs: int = 0  # the most top_logprobs a request may ask for (0: none)
 
     def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(token buckets, sequence buckets), ascending; the last of each is the step's limit."""
@@ -81,13 +83,30 @@ class Request:
     stop: tuple[str, ...] = ()
     output: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the top k
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     preemptions: int = 0
     chunks: int = 0  # steps that fed part of the prompt without reaching its end
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    output_top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    arrival: float = 0.0  # time.monotonic() at add; TTFT and inter-token latencies from token_times
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish_time: float | None = None
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """One request's news from one step: a new token (with its logprobs), and/or its end."""
+
+    id: int
+    token: int | None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
 
 
 @dataclasses.dataclass
@@ -112,7 +131,7 @@ class Engine:
         self.pages = init_pages(self.cfg, engine_cfg.num_pages, engine_cfg.page_size, engine_cfg.cache_dtype)
         self.max_pages = self.pool.pages_for(self.cfg.max_seq_len)
         self.token_buckets, self.seq_buckets = engine_cfg.buckets()
-        self._step = _jitted_step(self.cfg, engine_cfg.attention_impl)
+        self._step = _jitted_step(self.cfg, engine_cfg.attention_impl, engine_cfg.max_top_logprobs)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -122,10 +141,12 @@ class Engine:
     # ---- requests -------------------------------------------------------------------
 
     def add(self, prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None,
-            stop_token_ids=(), stop=()) -> int:
+            stop_token_ids=(), stop=(), logprobs: int | None = None) -> int:
         """Queue a request; returns its id."""
         sampling = sampling or SamplingParams()
         sampling.check()
+        if logprobs is not None and not 0 <= logprobs <= self.ecfg.max_top_logprobs:
+            raise UserError(f"top_logprobs {logprobs}: this engine returns 0..{self.ecfg.max_top_logprobs}")
         limit = self.cfg.max_seq_len
         if not prompt:
             raise UserError("prompt: is empty; give at least one token")
@@ -138,7 +159,7 @@ class Engine:
             raise UserError(f"max_tokens {max_tokens}: prompt + output need more than the pool's "
                             f"{self.pool.capacity} pages; ask for fewer tokens or give the engine more pages")
         req = Request(next(self._ids), list(prompt), max_tokens, sampling,
-                      frozenset(stop_token_ids), tuple(stop))
+                      frozenset(stop_token_ids), tuple(stop), logprobs=logprobs, arrival=time.monotonic())
         self.requests[req.id] = req
         self.waiting.append(req)
         return req.id
@@ -154,6 +175,7 @@ class Engine:
         else:
             self.waiting.remove(req)
         req.finish_reason = "cancelled"
+        req.finish_time = time.monotonic()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -228,16 +250,16 @@ class Engine:
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         return tokens, positions, seq, tables, last, sampling
 
-    def step(self) -> list[tuple[int, list[int], str | None]]:
-        """One iteration: schedule, run the model once, commit. Returns (id, new tokens,
-        finish reason or None) for every request that produced a token or finished."""
+    def step(self) -> list[StepOutput]:
+        """One iteration: schedule, run the model once, commit; what each request produced."""
         batch = self.schedule()
         if not batch:
             return []
         arrays = self._arrays(batch)
-        next_S, self.pages = self._step(self.params, self.pages, *(jnp.asarray(a) for a in arrays[:5]),
-                                        {k: jnp.asarray(v) for k, v in arrays[5].items()})
-        next_S = np.asarray(next_S)
+        out, self.pages = self._step(self.params, self.pages, *(jnp.asarray(a) for a in arrays[:5]),
+                                     {k: jnp.asarray(v) for k, v in arrays[5].items()})
+        out = {k: np.asarray(v) for k, v in out.items()}
+        now = time.monotonic()
         self.stats.steps += 1
         events = []
         for row, (req, n) in enumerate(batch):
@@ -246,14 +268,23 @@ class Engine:
             if req.computed < len(req.tokens):
                 req.chunks += 1
                 continue  # mid-prompt chunk: nothing sampled yet
-            token = int(next_S[row])
+            token = int(out["next"][row])
             req.output.append(token)
+            req.token_times.append(now)
+            event = StepOutput(req.id, token)
+            if req.logprobs is not None:
+                event.logprob = float(out["logprob"][row])
+                req.output_logprobs.append(event.logprob)
+                if req.logprobs:
+                    event.top = [(int(i), float(lp)) for i, lp in
+                                 zip(out["top_ids"][row, :req.logprobs], out["top_logprobs"][row, :req.logprobs])]
+                    req.output_top.append(event.top)
             reason = self._finished(req)
             if reason is not None:
-                req.finish_reason = reason
+                req.finish_reason, req.finish_time, event.finish_reason = reason, now, reason
                 self.running.remove(req)
                 self.pool.release(req.id)
-            events.append((req.id, [token], reason))
+            events.append(event)
         return events
 
     def _finished(self, req: Request) -> str | None:
@@ -290,9 +321,10 @@ class Engine:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_step(cfg: ModelConfig, impl: str) -> Callable:
-    """One jitted step per (model config, attention impl): engines on the same model share
-    compiled shapes. The pages are donated: the step updates them in place."""
+def _jitted_step(cfg: ModelConfig, impl: str, top_logprobs: int) -> Callable:
+    """One jitted step per (model config, attention impl, top logprobs): engines on the same
+    model share compiled shapes. The pages are donated: the step updates them in place."""
     model = Decoder(cfg)
-    return jax.jit(lambda params, pages, *args: paged_step(model, params, pages, *args, impl=impl),
+    return jax.jit(lambda params, pages, *args: paged_step(model, params, pages, *args, impl=impl,
+                                                           top_logprobs=top_logprobs),
                    donate_argnums=(1,))

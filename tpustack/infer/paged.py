@@ -70,9 +70,13 @@ def pages_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype: str = "
 
 def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, positions_T: jax.Array,
                seq_T: jax.Array, tables_SM: jax.Array, last_S: jax.Array, sampling: dict[str, jax.Array],
-               impl: str = "auto", interpret: bool | None = None) -> tuple[jax.Array, tuple]:
-    """Run the step's tokens, sample one token per sequence at its last token: (next [S], pages).
+               impl: str = "auto", interpret: bool | None = None, top_logprobs: int = 0
+               ) -> tuple[dict[str, jax.Array], tuple]:
+    """Run the step's tokens, sample one token per sequence at its last token.
 
+    Returns ({"next": [S], "logprob": [S], and with top_logprobs > 0 "top_ids",
+    "top_logprobs": [S, top_logprobs]}, new pages). Log-probabilities are the model's
+    (log_softmax of the raw logits, before temperature and filtering), as OpenAI reports.
     `sampling` holds per-sequence temperature, top_k, top_p and seed [S]; the key of a
     sequence's token at position p is fold_in(key(seed), p), as in the decode loop, so a
     request samples the same tokens whatever shares its steps.
@@ -84,4 +88,8 @@ def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, p
     params_S = {"temperature": sampling["temperature"], "top_k": sampling["top_k"], "top_p": sampling["top_p"],
                 "key": jax.vmap(jax.random.key)(sampling["seed"])}
     next_S = sample_tokens(logits_BSV[0], params_S, positions_T[last_S] + 1)
-    return next_S, tuple((c.k_PLKH, c.v_PLKH) for c in caches)
+    logp_SV = jax.nn.log_softmax(logits_BSV[0].astype(jnp.float32), axis=-1)
+    out = {"next": next_S, "logprob": jnp.take_along_axis(logp_SV, next_S[:, None], axis=1)[:, 0]}
+    if top_logprobs:
+        out["top_logprobs"], out["top_ids"] = jax.lax.top_k(logp_SV, top_logprobs)
+    return out, tuple((c.k_PLKH, c.v_PLKH) for c in caches)
