@@ -18,6 +18,7 @@ from tpustack.errors import UserError
 from tpustack.infer.decode import Generator
 from tpustack.infer.engine import Engine, EngineConfig
 from tpustack.infer.sampling import SamplingParams
+from tpustack.infer.speculative import SpeculativeGenerator
 from tpustack.model import Decoder
 
 CFG = ModelConfig(vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
@@ -202,3 +203,41 @@ def test_logprobs_and_timings(params, solo):
     assert engine.requests[plain].output_logprobs == []
     with pytest.raises(UserError, match="top_logprobs 4: this engine returns 0..3"):
         engine.add(prompts[0], 4, logprobs=4)
+
+
+def perturbed(params, scale, seed):
+    """A draft that agrees with the target often but not always: its weights plus noise."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jnp.std(x) * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+
+
+SPEC = EngineConfig(page_size=8, num_pages=200, max_seqs=16, token_budget=64, chunk_size=16,
+                    token_buckets=(64,), seq_buckets=(16,))
+
+
+@pytest.mark.parametrize("pages", [200, 16])  # 16: a pool small enough to preempt
+def test_speculative_greedy_matches_solo_target(params, solo, pages):
+    prompts, outs = workload(24, seed=10, outs=(4, SOLO_MAX + 1))
+    draft = perturbed(params, 0.05, 1)
+    engine = Engine(CFG, params, dataclasses.replace(SPEC, num_pages=pages), draft=(CFG, draft), k=3)
+    ids = [engine.add(p, m) for p, m in zip(prompts, outs)]
+    drive(engine)
+    for i, p, m in zip(ids, prompts, outs):
+        assert engine.requests[i].output == solo(p, m), f"request {i}"
+    rate = engine.stats.accepted / engine.stats.drafted
+    assert 0.1 < rate < 0.95, rate  # the draft is right often, not always: both paths ran
+    assert (engine.stats.preemptions > 0) == (pages == 16)
+
+
+def test_speculative_seeded_sampling_matches_speculative_generator(params):
+    prompts, outs = workload(8, seed=11, lengths=(17, 33))
+    draft = perturbed(params, 0.05, 2)
+    sampling = [SamplingParams(temperature=0.8, top_k=(0, 30)[i % 2], seed=100 + i) for i in range(8)]
+    engine = Engine(CFG, params, SPEC, draft=(CFG, draft), k=3)
+    got = engine.generate(prompts, outs, sampling)
+    assert engine.stats.preemptions == 0 and engine.stats.accepted > 0
+    gen = SpeculativeGenerator(CFG, params, draft_cfg=CFG, draft_params=draft, k=3)
+    for p, m, sp, out in zip(prompts, outs, sampling, got):
+        assert out == gen.generate([p], SOLO_MAX, sp, chunk=SOLO_MAX)[0][:m]

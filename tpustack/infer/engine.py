@@ -30,7 +30,7 @@ import numpy as np
 
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
-from tpustack.infer.paged import PAGED_DTYPES, init_pages, paged_step
+from tpustack.infer.paged import PAGED_DTYPES, init_pages, paged_step, speculative_paged_step
 from tpustack.infer.pages import NULL_PAGE, PagePool
 from tpustack.infer.sampling import SamplingParams
 from tpustack.model.transformer import Decoder, unstack_layers
@@ -87,6 +87,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     preemptions: int = 0
     chunks: int = 0  # steps that fed part of the prompt without reaching its end
+    speculating: bool = False  # in this step: its pending token plus k draft slots
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     arrival: float = 0.0  # time.monotonic() at add; TTFT and inter-token latencies from token_times
@@ -115,23 +116,44 @@ class EngineStats:
     preemptions: int = 0
     scheduled_tokens: int = 0
     padded_tokens: int = 0
+    drafted: int = 0  # speculative: draft tokens proposed, and accepted by the target
+    accepted: int = 0
 
 
 class Engine:
     """Requests in (`add`), tokens out (`step`): continuous batching over one model."""
 
     def __init__(self, cfg: ModelConfig, params: Any, engine_cfg: EngineConfig = EngineConfig(),
-                 eos_id: int = -1, detokenize: Callable[[list[int]], str] | None = None):
+                 eos_id: int = -1, detokenize: Callable[[list[int]], str] | None = None,
+                 draft: tuple[ModelConfig, Any] | None = None, k: int = 4):
+        """`draft` = (config, params) of a draft model: decoding requests then speculate k
+        tokens a step (tpustack.infer.speculative's rule), in the same ragged step."""
         engine_cfg.check()
         self.cfg = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
         self.params = unstack_layers(params, self.cfg)
+        self.draft_cfg, self.k = None, k
+        if draft is not None:
+            if draft[0].vocab_size != cfg.vocab_size:
+                raise UserError(f"--draft: the draft's vocabulary has {draft[0].vocab_size} tokens, the "
+                                f"target's {cfg.vocab_size}; they must share one tokenizer")
+            if k < 1 or k + 1 > engine_cfg.token_budget:
+                raise UserError(f"--speculate-k {k}: must be in 1..token_budget - 1")
+            self.draft_cfg = dataclasses.replace(draft[0], scan_layers=False, remat_policy="none",
+                                                 max_seq_len=max(draft[0].max_seq_len, cfg.max_seq_len))
+            self.params = (self.params, unstack_layers(draft[1], self.draft_cfg))
         self.ecfg, self.eos_id, self.detokenize = engine_cfg, eos_id, detokenize
         self.chunk = engine_cfg.chunk_size or engine_cfg.token_budget
         self.pool = PagePool(engine_cfg.num_pages, engine_cfg.page_size, engine_cfg.prefix_caching)
         self.pages = init_pages(self.cfg, engine_cfg.num_pages, engine_cfg.page_size, engine_cfg.cache_dtype)
+        if self.draft_cfg is not None:  # the draft's pages share the target's block tables
+            self.pages = (self.pages, init_pages(self.draft_cfg, engine_cfg.num_pages, engine_cfg.page_size,
+                                                 engine_cfg.cache_dtype))
         self.max_pages = self.pool.pages_for(self.cfg.max_seq_len)
         self.token_buckets, self.seq_buckets = engine_cfg.buckets()
-        self._step = _jitted_step(self.cfg, engine_cfg.attention_impl, engine_cfg.max_top_logprobs)
+        if self.draft_cfg is None:
+            self._step = _jitted_step(self.cfg, engine_cfg.attention_impl, engine_cfg.max_top_logprobs)
+        else:
+            self._step = _jitted_speculative_step(self.cfg, self.draft_cfg, engine_cfg.attention_impl, k)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -145,6 +167,8 @@ class Engine:
         """Queue a request; returns its id."""
         sampling = sampling or SamplingParams()
         sampling.check()
+        if logprobs is not None and self.draft_cfg is not None:
+            raise UserError("logprobs: not available with speculative decoding; serve without --draft")
         if logprobs is not None and not 0 <= logprobs <= self.ecfg.max_top_logprobs:
             raise UserError(f"top_logprobs {logprobs}: this engine returns 0..{self.ecfg.max_top_logprobs}")
         limit = self.cfg.max_seq_len
@@ -155,7 +179,8 @@ class Engine:
         if max_tokens < 1 or len(prompt) + max_tokens > limit:
             raise UserError(f"max_tokens {max_tokens}: with a {len(prompt)}-token prompt the model's context "
                             f"({limit}) allows 1..{max(limit - len(prompt), 0)}")
-        if self.pool.pages_for(len(prompt) + max_tokens) > self.pool.capacity:
+        extra = 0 if self.draft_cfg is None else self.k  # a speculating request writes k slots ahead
+        if self.pool.pages_for(len(prompt) + max_tokens + extra) > self.pool.capacity:
             raise UserError(f"max_tokens {max_tokens}: prompt + output need more than the pool's "
                             f"{self.pool.capacity} pages; ask for fewer tokens or give the engine more pages")
         req = Request(next(self._ids), list(prompt), max_tokens, sampling,
@@ -196,7 +221,7 @@ class Engine:
         i = 0
         while i < len(self.running) and budget > 0 and len(batch) < self.ecfg.max_seqs:
             req = self.running[i]
-            n = min(len(req.tokens) - req.computed, budget, self.chunk)
+            n = self._tokens_for(req, budget)
             while not self.pool.grow(req.id, req.computed + n):
                 preempted = True
                 victim = self.running[-1]  # the latest arrival yields its pages
@@ -211,7 +236,8 @@ class Engine:
         while (not preempted and self.waiting and budget > 0 and len(batch) < self.ecfg.max_seqs):
             req = self.waiting[0]
             computed = self.pool.admit(req.id, req.tokens)
-            n = min(len(req.tokens) - computed, budget, self.chunk)
+            req.computed = computed
+            n = self._tokens_for(req, budget)
             if not self.pool.grow(req.id, computed + n):
                 self.pool.release(req.id)
                 break
@@ -222,6 +248,15 @@ class Engine:
             budget -= n
         return batch
 
+    def _tokens_for(self, req: Request, budget: int) -> int:
+        """Step slots for req: its next prompt chunk, its pending token, or (speculating)
+        the pending token plus k draft slots. The first output token is never speculated,
+        as in SpeculativeGenerator, so seeded requests draw the same keys."""
+        left = len(req.tokens) - req.computed
+        req.speculating = (self.draft_cfg is not None and left == 1 and bool(req.output)
+                           and budget > self.k and len(req.tokens) + self.k <= self.cfg.max_seq_len)
+        return self.k + 1 if req.speculating else min(left, budget, self.chunk)
+
     def _arrays(self, batch: list[tuple[Request, int]]) -> tuple:
         """Pad the batch to its (tokens, sequences) bucket; sequence row S is all-null for padding."""
         used = sum(n for _, n in batch)
@@ -230,25 +265,28 @@ class Engine:
         tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
         seq = np.full(t, s, np.int32)
         tables = np.full((s + 1, self.max_pages), NULL_PAGE, np.int32)
-        last = np.zeros(s, np.int32)
+        last, spec = np.zeros(s, np.int32), np.zeros(s, bool)
         temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
         top_k, seed = np.zeros(s, np.int32), np.zeros(s, np.uint32)
         at = 0
         for row, (req, n) in enumerate(batch):
             toks = req.tokens
-            tokens[at:at + n] = toks[req.computed:req.computed + n]
+            tokens[at:at + n] = toks[req.computed:req.computed + n] if not req.speculating else toks[-1]
             positions[at:at + n] = np.arange(req.computed, req.computed + n)
             seq[at:at + n] = row
             table = self.pool.table(req.id)
             tables[row, :len(table)] = table
-            last[row] = at + n - 1
+            last[row] = at if req.speculating else at + n - 1  # speculating: the pending token's slot
+            spec[row] = req.speculating
             sp = req.sampling
             temperature[row], top_k[row], top_p[row], seed[row] = sp.temperature, sp.top_k, sp.top_p, sp.seed
             at += n
         self.stats.scheduled_tokens += used
         self.stats.padded_tokens += t - used
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-        return tokens, positions, seq, tables, last, sampling
+        if self.draft_cfg is None:
+            return tokens, positions, seq, tables, last, sampling
+        return tokens, positions, seq, tables, last, spec, sampling
 
     def step(self) -> list[StepOutput]:
         """One iteration: schedule, run the model once, commit; what each request produced."""
@@ -256,36 +294,53 @@ class Engine:
         if not batch:
             return []
         arrays = self._arrays(batch)
-        out, self.pages = self._step(self.params, self.pages, *(jnp.asarray(a) for a in arrays[:5]),
-                                     {k: jnp.asarray(v) for k, v in arrays[5].items()})
+        out, self.pages = self._step(self.params, self.pages, *(jnp.asarray(a) for a in arrays[:-1]),
+                                     {k: jnp.asarray(v) for k, v in arrays[-1].items()})
         out = {k: np.asarray(v) for k, v in out.items()}
         now = time.monotonic()
         self.stats.steps += 1
         events = []
         for row, (req, n) in enumerate(batch):
-            req.computed += n
-            self.pool.commit(req.id, req.tokens, req.computed)
-            if req.computed < len(req.tokens):
-                req.chunks += 1
-                continue  # mid-prompt chunk: nothing sampled yet
-            token = int(out["next"][row])
-            req.output.append(token)
-            req.token_times.append(now)
-            event = StepOutput(req.id, token)
-            if req.logprobs is not None:
-                event.logprob = float(out["logprob"][row])
-                req.output_logprobs.append(event.logprob)
-                if req.logprobs:
-                    event.top = [(int(i), float(lp)) for i, lp in
-                                 zip(out["top_ids"][row, :req.logprobs], out["top_logprobs"][row, :req.logprobs])]
-                    req.output_top.append(event.top)
-            reason = self._finished(req)
-            if reason is not None:
-                req.finish_reason, req.finish_time, event.finish_reason = reason, now, reason
-                self.running.remove(req)
-                self.pool.release(req.id)
-            events.append(event)
+            if req.speculating:  # the pending token and the accepted drafts are now computed
+                count = int(out["count"][row])
+                new = out["tokens"][row, :count].tolist()
+                req.computed += count
+                self.stats.drafted += self.k
+                self.stats.accepted += int(out["accepted"][row])
+            else:
+                req.computed += n
+                self.pool.commit(req.id, req.tokens, req.computed)
+                if req.computed < len(req.tokens):
+                    req.chunks += 1
+                    continue  # mid-prompt chunk: nothing sampled yet
+                new = [int(out["next"][row] if "next" in out else out["tokens"][row, 0])]
+            for token in new:
+                event = self._append(req, token, out, row, now)
+                events.append(event)
+                if event.finish_reason is not None:
+                    self.running.remove(req)
+                    self.pool.release(req.id)
+                    break
+            else:
+                self.pool.commit(req.id, req.tokens, req.computed)
         return events
+
+    def _append(self, req: Request, token: int, out: dict, row: int, now: float) -> StepOutput:
+        """Commit one output token (with its logprobs) and check the request's stops."""
+        req.output.append(token)
+        req.token_times.append(now)
+        event = StepOutput(req.id, token)
+        if req.logprobs is not None:
+            event.logprob = float(out["logprob"][row])
+            req.output_logprobs.append(event.logprob)
+            if req.logprobs:
+                event.top = [(int(i), float(lp)) for i, lp in
+                             zip(out["top_ids"][row, :req.logprobs], out["top_logprobs"][row, :req.logprobs])]
+                req.output_top.append(event.top)
+        reason = self._finished(req)
+        if reason is not None:
+            req.finish_reason, req.finish_time, event.finish_reason = reason, now, reason
+        return event
 
     def _finished(self, req: Request) -> str | None:
         token = req.output[-1]
@@ -327,4 +382,13 @@ def _jitted_step(cfg: ModelConfig, impl: str, top_logprobs: int) -> Callable:
     model = Decoder(cfg)
     return jax.jit(lambda params, pages, *args: paged_step(model, params, pages, *args, impl=impl,
                                                            top_logprobs=top_logprobs),
+                   donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_speculative_step(cfg: ModelConfig, draft_cfg: ModelConfig, impl: str, k: int) -> Callable:
+    """The step with a draft model (speculative_paged_step); pages of both models donated."""
+    target, draft = Decoder(cfg), Decoder(draft_cfg)
+    return jax.jit(lambda params, pages, *args: speculative_paged_step(target, draft, params, pages, *args,
+                                                                       k=k, impl=impl),
                    donate_argnums=(1,))

@@ -22,6 +22,7 @@ from flax import struct
 
 from tpustack.config import ModelConfig
 from tpustack.infer.sampling import sample_tokens
+from tpustack.infer.speculative import accept, propose
 from tpustack.kernels import paged_attention
 from tpustack.model.transformer import Decoder
 
@@ -93,3 +94,60 @@ def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, p
     if top_logprobs:
         out["top_logprobs"], out["top_ids"] = jax.lax.top_k(logp_SV, top_logprobs)
     return out, tuple((c.k_PLKH, c.v_PLKH) for c in caches)
+
+
+def speculative_paged_step(target: Decoder, draft: Decoder, params: tuple, pages: tuple, tokens_T: jax.Array,
+                           positions_T: jax.Array, seq_T: jax.Array, tables_SM: jax.Array, last_S: jax.Array,
+                           spec_S: jax.Array, sampling: dict[str, jax.Array], k: int, impl: str = "auto",
+                           interpret: bool | None = None) -> tuple[dict[str, jax.Array], tuple]:
+    """`paged_step` where sequences with spec_S decode speculatively (chapter 30.4f).
+
+    A speculating sequence holds k + 1 contiguous step slots from last_S: its pending token,
+    then k placeholders for the draft's proposals. The draft runs the whole step once (so
+    prompt chunks fill its pages too; the pending token's logits give d_1), then k single
+    tokens per sequence (d_i at pos + i, so its pages cover every proposal); the target
+    then scores every slot in one pass and the acceptance rule of
+    tpustack.infer.speculative picks the committed tokens, with the same key streams, so a
+    request commits what SpeculativeGenerator would. Other sequences sample one token as in
+    `paged_step`. Both models share the block tables; pages = (target pages, draft pages).
+    Returns ({"tokens": [S, k + 1], "count": [S], "accepted": [S]}, pages).
+    """
+    target_params, draft_params = params
+    target_pages, draft_pages = pages
+    t, s, r = tokens_T.shape[0], last_S.shape[0], k + 1
+    table_TM = tables_SM[seq_T]
+    keyed = {"temperature": sampling["temperature"], "top_k": sampling["top_k"], "top_p": sampling["top_p"],
+             "key": jax.vmap(jax.random.key)(sampling["seed"])}
+    pos_S = positions_T[last_S]  # a speculating sequence's pending position
+
+    caches = tuple(PagedLayerCache(kp, vp, table_TM, impl, interpret) for kp, vp in draft_pages)
+    logits_BSV, caches = draft.apply({"params": draft_params}, tokens_T[None], positions_T[None], cache=caches,
+                                     select_BS=last_S[None])
+    spec_tables_SM = jnp.where(spec_S[:, None], tables_SM[:s], 0)  # others write their serial steps to page 0
+    caches = tuple(c.replace(table_TM=spec_tables_SM) for c in caches)
+
+    def draft_step(carry, i):
+        logits_SV, caches = carry
+        proposal_S, q_SV = propose(logits_SV, keyed, pos_S + i)
+        logits_BSV, caches = draft.apply({"params": draft_params}, proposal_S[None], (pos_S + i)[None], cache=caches)
+        return (logits_BSV[0], caches), (proposal_S, q_SV)
+
+    (_, caches), (drafts_KS, q_KSV) = jax.lax.scan(draft_step, (logits_BSV[0], caches), jnp.arange(1, k + 1))
+    draft_pages = tuple((c.k_PLKH, c.v_PLKH) for c in caches)
+    drafts_SK, q_SKV = drafts_KS.T, jnp.swapaxes(q_KSV, 0, 1)
+
+    slots_SR = jnp.minimum(last_S[:, None] + jnp.arange(r)[None, :], t - 1)
+    fill_SK = jnp.where(spec_S[:, None], slots_SR[:, 1:], t)  # t: dropped
+    tokens_T = tokens_T.at[fill_SK].set(drafts_SK, mode="drop")
+    caches = tuple(PagedLayerCache(kp, vp, table_TM, impl, interpret) for kp, vp in target_pages)
+    logits_BXV, caches = target.apply({"params": target_params}, tokens_T[None], positions_T[None], cache=caches,
+                                      select_BS=slots_SR.reshape(1, s * r))
+    logits_SRV = logits_BXV[0].reshape(s, r, -1)
+    target_pages = tuple((c.k_PLKH, c.v_PLKH) for c in caches)
+
+    new_SR, n_S = accept(logits_SRV, q_SKV, drafts_SK, keyed, pos_S)
+
+    plain_S = sample_tokens(logits_SRV[:, 0], keyed, pos_S + 1)  # sequences not speculating
+    tokens_SR = jnp.where(spec_S[:, None], new_SR, jnp.zeros_like(new_SR).at[:, 0].set(plain_S))
+    out = {"tokens": tokens_SR, "count": jnp.where(spec_S, n_S + 1, 1), "accepted": jnp.where(spec_S, n_S, 0)}
+    return out, (target_pages, draft_pages)

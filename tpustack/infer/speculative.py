@@ -56,31 +56,18 @@ def residual(p_BV: jax.Array, q_BV: jax.Array) -> jax.Array:
     return r_BV / jnp.sum(r_BV, axis=-1, keepdims=True)
 
 
-def speculative_round(target: Decoder, draft: Decoder, params: tuple, state: DecodeState, sampling: dict,
-                      k: int) -> tuple[jax.Array, jax.Array, DecodeState]:
-    """Propose k tokens with the draft, verify with the target: (tokens [B, k+1], counts [B], state)."""
-    target_params, draft_params = params
-    target_cache, draft_cache = state.caches
-    pos_B = state.pos_B
+def propose(logits_BV: jax.Array, sampling: dict, positions_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The draft's proposal for the token at positions_B, and the distribution q it came from."""
+    q_BV = target_probs(logits_BV, sampling)
+    return _draw(_keys(sampling, positions_B, _DRAFT), q_BV), q_BV
 
-    def draft_step(carry, i):
-        token_B, cache = carry
-        logits_BTV, cache = draft.apply({"params": draft_params}, token_B[:, None], (pos_B + i)[:, None],
-                                        cache=cache)
-        q_BV = target_probs(logits_BTV[:, 0], sampling)
-        proposal_B = _draw(_keys(sampling, pos_B + i + 1, _DRAFT), q_BV)
-        return (proposal_B, cache), (proposal_B, q_BV)
 
-    (_, draft_cache), (proposals_KB, q_KBV) = jax.lax.scan(draft_step, (state.pending_B, draft_cache),
-                                                           jnp.arange(k + 1))
-    drafts_BK = proposals_KB[:k].T
-    q_BKV = jnp.swapaxes(q_KBV[:k], 0, 1)
-
-    tokens_BR = jnp.concatenate([state.pending_B[:, None], drafts_BK], axis=1)  # R = k + 1
-    positions_BR = pos_B[:, None] + jnp.arange(k + 1)[None, :]
-    logits_BRV, target_cache = target.apply({"params": target_params}, tokens_BR, positions_BR,
-                                            cache=target_cache)
+def accept(logits_BRV: jax.Array, q_BKV: jax.Array, drafts_BK: jax.Array, sampling: dict,
+           pos_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The acceptance rule: target logits at [pending, d_1..d_k] (pending at pos_B) and the
+    draft's q -> (committed tokens [B, k+1], accepted drafts n [B]); the first n + 1 count."""
     b, r, v = logits_BRV.shape
+    k = r - 1
     flat = {name: jnp.repeat(sampling[name], r) for name in ("temperature", "top_k", "top_p")}
     p_BRV = target_probs(logits_BRV.reshape(b * r, v), flat).reshape(b, r, v)
 
@@ -97,7 +84,33 @@ def speculative_round(target: Decoder, draft: Decoder, params: tuple, state: Dec
     fix_B = _draw(_keys(sampling, pos_B, _RESAMPLE), residual(p_n_BV, q_n_BV))
 
     new_BR = jnp.concatenate([drafts_BK, jnp.zeros((b, 1), jnp.int32)], axis=1)
-    new_BR = jnp.where(jnp.arange(r)[None, :] == n_B[:, None], fix_B[:, None], new_BR)
+    return jnp.where(jnp.arange(r)[None, :] == n_B[:, None], fix_B[:, None], new_BR), n_B
+
+
+def speculative_round(target: Decoder, draft: Decoder, params: tuple, state: DecodeState, sampling: dict,
+                      k: int) -> tuple[jax.Array, jax.Array, DecodeState]:
+    """Propose k tokens with the draft, verify with the target: (tokens [B, k+1], counts [B], state)."""
+    target_params, draft_params = params
+    target_cache, draft_cache = state.caches
+    pos_B = state.pos_B
+
+    def draft_step(carry, i):
+        token_B, cache = carry
+        logits_BTV, cache = draft.apply({"params": draft_params}, token_B[:, None], (pos_B + i)[:, None],
+                                        cache=cache)
+        proposal_B, q_BV = propose(logits_BTV[:, 0], sampling, pos_B + i + 1)
+        return (proposal_B, cache), (proposal_B, q_BV)
+
+    (_, draft_cache), (proposals_KB, q_KBV) = jax.lax.scan(draft_step, (state.pending_B, draft_cache),
+                                                           jnp.arange(k + 1))
+    drafts_BK = proposals_KB[:k].T
+    q_BKV = jnp.swapaxes(q_KBV[:k], 0, 1)
+
+    tokens_BR = jnp.concatenate([state.pending_B[:, None], drafts_BK], axis=1)  # R = k + 1
+    positions_BR = pos_B[:, None] + jnp.arange(k + 1)[None, :]
+    logits_BRV, target_cache = target.apply({"params": target_params}, tokens_BR, positions_BR,
+                                            cache=target_cache)
+    new_BR, n_B = accept(logits_BRV, q_BKV, drafts_BK, sampling, pos_B)
     live_B = ~state.done_B
     state = state.replace(caches=(target_cache, draft_cache),
                           drafted_B=state.drafted_B + jnp.where(live_B, k, 0),
