@@ -241,3 +241,17 @@ def test_speculative_seeded_sampling_matches_speculative_generator(params):
     gen = SpeculativeGenerator(CFG, params, draft_cfg=CFG, draft_params=draft, k=3)
     for p, m, sp, out in zip(prompts, outs, sampling, got):
         assert out == gen.generate([p], SOLO_MAX, sp, chunk=SOLO_MAX)[0][:m]
+
+
+def test_engine_with_the_pallas_paged_kernel_matches_solo():
+    """The TPU paged kernel (interpreted on CPU) inside the engine: head dim 128, pages of 16."""
+    cfg = ModelConfig(vocab_size=96, d_model=256, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=256,
+                      max_seq_len=128, init_std=0.1)
+    params = meta.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(0, 96, int(n)).tolist() for n in rng.integers(17, 33, 6)]
+    gen = Generator(cfg, params)
+    solo = [gen.generate([p], 12, chunk=12)[0] for p in prompts]
+    engine = Engine(cfg, params, EngineConfig(page_size=16, num_pages=32, max_seqs=8, token_budget=32, chunk_size=16,
+                                              token_buckets=(32,), seq_buckets=(8,), attention_impl="pallas"))
+    assert engine.generate(prompts, 12) == solo
