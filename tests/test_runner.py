@@ -61,7 +61,7 @@ def test_cancel_frees_pages_before_the_next_step(params):
     assert out.finish_reason == "cancelled"
     assert runner.engine.pool.in_use() == 0  # freed before the cancellation was reported
     runner.shutdown()
-    assert len(runner.engine.requests[handle.id].output) < 90
+    assert len(handle.request.output) < 90 and not runner.engine.requests  # finished records dropped
 
 
 @pytest.mark.parametrize("drain", [True, False])
@@ -72,13 +72,13 @@ def test_shutdown_drains_or_cancels_and_refuses_new_work(params, drain):
     runner.shutdown(drain=drain, timeout=120)
     assert not runner._thread.is_alive()
     for h, m in zip(handles, outs):
-        req = runner.engine.requests[h.id]
+        req = h.request
         if drain:
             assert req.finish_reason == "length" and len(req.output) == m
         else:
             assert req.finish_reason in ("cancelled", "length")
     if not drain:
-        assert any(runner.engine.requests[h.id].finish_reason == "cancelled" for h in handles)
+        assert any(h.request.finish_reason == "cancelled" for h in handles)
     assert runner.engine.pool.in_use() == 0
     with pytest.raises(UserError, match="shutting down"):
         runner.submit([1, 2], 3)

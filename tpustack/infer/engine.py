@@ -202,6 +202,12 @@ class Engine:
         req.finish_reason = "cancelled"
         req.finish_time = time.monotonic()
 
+    def forget(self, rid: int) -> Request:
+        """Drop a finished request's record (a long-running server must, or `requests` grows)."""
+        if self.requests[rid].finish_reason is None:
+            raise ValueError(f"request {rid} is still running; cancel it first")
+        return self.requests.pop(rid)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -367,7 +373,7 @@ class Engine:
         params = sampling if isinstance(sampling, list) else [sampling] * n
         ids = [self.add(p, m, s) for p, m, s in zip(prompts, max_new, params)]
         self.run()
-        return [self.requests[i].output for i in ids]
+        return [self.forget(i).output for i in ids]
 
     def compiled_shapes(self) -> int:
         """Shapes compiled so far by every engine on this model config (a test checks that

@@ -15,7 +15,7 @@ import threading
 from typing import Any, Callable
 
 from tpustack.errors import UserError
-from tpustack.infer.engine import Engine, StepOutput
+from tpustack.infer.engine import Engine, Request, StepOutput
 
 Callback = Callable[[StepOutput], None]
 
@@ -27,6 +27,7 @@ class Handle:
     runner: "Runner"
     outputs: "queue.Queue[StepOutput]" = dataclasses.field(default_factory=queue.Queue)
     id: int | None = None
+    request: Request | None = None  # the engine's record, once finished
     admitted: threading.Event = dataclasses.field(default_factory=threading.Event)
     error: Exception | None = None
 
@@ -102,11 +103,12 @@ class Runner:
 
     def _emit(self, out: StepOutput) -> None:
         handle, callback = self._handles[out.id]
+        if out.finish_reason is not None:  # the record is on the handle before anyone hears of the end
+            del self._handles[out.id]
+            handle.request = self.engine.forget(out.id)
         handle.outputs.put(out)
         if callback is not None:
             callback(out)
-        if out.finish_reason is not None:
-            del self._handles[out.id]
 
     def _loop(self) -> None:
         try:
