@@ -1,8 +1,8 @@
 """Continuous batching: iteration-level scheduling over a paged KV cache (chapter 30.4e).
 
 Each `step` hands a token budget across requests: running ones first (a decoding request
-takes 1 token, a request still prefilling takes its next chunk of prompt), then waiting
-ones in arrival order, so a long prompt is prefilled in chunks alongside others'
+takes 1 token, or k + 1 when speculating with a draft model; a request still prefilling
+takes its next chunk of prompt), then waiting ones in arrival order, so a long prompt is prefilled in chunks alongside others'
 decoding and there is no separate prefill phase. The step is one jitted call over a
 ragged batch (tpustack.infer.paged) padded to a token bucket x sequence bucket, so only
 a handful of shapes ever compile.
@@ -248,7 +248,6 @@ class Engine:
                 self.pool.release(req.id)
                 break
             self.waiting.popleft()
-            req.computed = computed
             self.running.append(req)
             batch.append((req, n))
             budget -= n
