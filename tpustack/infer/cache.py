@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from tpustack.config import ModelConfig
+from tpustack.plan.memory import kv_cache_bytes
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
@@ -75,7 +76,4 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32") -> int:
     """The chapter's 2 * L * layers * (kv_heads * head_dim) * batch * bytes, plus int8 scales."""
-    per_token_head = cfg.heads_dim * (1 if dtype == "int8" else jnp.dtype(dtype).itemsize)
-    if dtype == "int8":
-        per_token_head += 4  # one f32 scale per (token, kv head)
-    return 2 * max_len * cfg.num_layers * cfg.num_kv_heads * per_token_head * batch
+    return int(kv_cache_bytes(cfg, max_len, batch, dtype))

@@ -83,10 +83,11 @@ def _contracted(p: Param) -> int:
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, kv_dtype: str = "bf16") -> float:
-    """KV cache bytes (GQA-aware: K kv heads, not N); int8 adds one bf16 scale per token per head."""
+    """KV cache bytes (GQA-aware: K kv heads, not N); int8 adds one f32 scale per token per kv
+    head, as tpustack.infer.cache stores it. The decode cache and the serving pool both count by this."""
     elems = 2 * context * cfg.num_layers * cfg.num_kv_heads * cfg.heads_dim * batch
     if kv_dtype == "int8":
-        return elems + 2 * context * cfg.num_layers * cfg.num_kv_heads * batch * 2
+        return elems + 2 * context * cfg.num_layers * cfg.num_kv_heads * batch * 4
     return elems * itemsize(kv_dtype)
 
 
