@@ -55,6 +55,8 @@ class Runner:
         self._closing = False
         self._drain = True
         self.error: BaseException | None = None
+        # called on the engine thread with each finished request's record (the server's metrics)
+        self.on_finish: Callable[[Request], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="tpustack-engine", daemon=True)
         self._thread.start()
 
@@ -106,6 +108,8 @@ class Runner:
         if out.finish_reason is not None:  # the record is on the handle before anyone hears of the end
             del self._handles[out.id]
             handle.request = self.engine.forget(out.id)
+            if self.on_finish is not None:
+                self.on_finish(handle.request)
         handle.outputs.put(out)
         if callback is not None:
             callback(out)

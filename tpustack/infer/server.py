@@ -1,0 +1,519 @@
+"""An OpenAI-compatible HTTP server over the Runner (issue 11, item 3; chapter 30.5).
+
+A starlette app: `/v1/completions` and `/v1/chat/completions` (both streaming by SSE),
+`/v1/models`, `/health`, `/metrics` (Prometheus). Each request (n choices: n engine
+requests) is submitted to the Runner, whose engine thread hands every StepOutput to this
+event loop through `call_soon_threadsafe`. A task watches the connection: when the client
+goes away, the request's engine requests are cancelled and their pages are free before the
+engine's next step. Bad requests answer 4xx with an OpenAI-style error body naming the
+field; they are refused before anything reaches the engine, so requests in flight never
+notice. Latency metrics come from the engine's own per-request times (arrival, each
+token, finish), read once a request ends.
+
+Chat prompts: the checkpoint's jinja2 chat template (tokenizer_config.json's
+`chat_template`, or chat_template.jinja) rendered in jinja2's sandbox, else
+DEFAULT_CHAT_TEMPLATE: `<|role|>\\ncontent\\n` per message, then `<|assistant|>\\n`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tpustack import paths
+from tpustack.errors import UserError
+from tpustack.infer.engine import Request
+from tpustack.infer.runner import Runner
+from tpustack.infer.sampling import SamplingParams
+
+DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = "tpustack"
+    api_key: str | None = None  # None: no auth; else /v1/* needs `Authorization: Bearer KEY`
+    max_request_bytes: int = 1 << 20  # larger bodies answer 413
+    max_tokens_limit: int = 4096  # the most tokens one choice may ask for (400 beyond)
+    max_n: int = 8
+    default_max_tokens: int = 16  # completions' default, as OpenAI's
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def load_chat_template(path: str) -> tuple[str | None, str, str]:
+    """(chat template or None, bos token text, eos token text) of a Hugging Face directory."""
+    template, bos, eos = None, "", ""
+    cfg_path = paths.join(path, "tokenizer_config.json")
+    if paths.isfile(cfg_path):
+        cfg = json.loads(paths.read_bytes(cfg_path))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        text = lambda t: t.get("content", "") if isinstance(t, dict) else (t or "")  # noqa: E731
+        bos, eos = text(cfg.get("bos_token")), text(cfg.get("eos_token"))
+    jinja_path = paths.join(path, "chat_template.jinja")
+    if template is None and paths.isfile(jinja_path):
+        template = paths.read_bytes(jinja_path).decode("utf-8")
+    return template, bos, eos
+
+
+class Metrics:
+    """Prometheus metrics: latency histograms from finished requests, engine state at scrape."""
+
+    def __init__(self, runner: Runner):
+        self.registry = r = CollectorRegistry()
+        hist = lambda name, doc: Histogram(name, doc, registry=r, buckets=LATENCY_BUCKETS)  # noqa: E731
+        self.ttft = hist("tpustack_time_to_first_token_seconds", "arrival to first output token")
+        self.tpot = hist("tpustack_time_per_output_token_seconds", "(last token - first token) / (n_out - 1)")
+        self.itl = hist("tpustack_inter_token_latency_seconds", "time between consecutive output tokens")
+        self.e2e = hist("tpustack_e2e_request_latency_seconds", "arrival to finish")
+        self.requests = Counter("tpustack_requests", "finished engine requests (one per choice)",
+                                ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("tpustack_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("tpustack_generation_tokens", "output tokens of finished requests",
+                                         registry=r)
+        r.register(_EngineCollector(runner))
+        runner.on_finish = self.finished
+
+    def finished(self, req: Request) -> None:
+        """Called on the engine thread; never raises (it would stop the engine)."""
+        try:
+            self.requests.labels(req.finish_reason or "unknown").inc()
+            self.prompt_tokens.inc(len(req.prompt))
+            self.generation_tokens.inc(len(req.output))
+            times = req.token_times
+            if times:
+                self.ttft.observe(times[0] - req.arrival)
+                for a, b in zip(times, times[1:]):
+                    self.itl.observe(b - a)
+                if len(times) > 1:
+                    self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
+            if req.finish_time is not None:
+                self.e2e.observe(req.finish_time - req.arrival)
+        except Exception:  # noqa: BLE001 - metrics must not take the engine down
+            pass
+
+
+class _EngineCollector:
+    """The engine's state and counters, read when scraped."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def collect(self):
+        engine = self.runner.engine
+        pool = engine.pool
+        gauges = {"tpustack_requests_running": ("requests in the engine's running batch", len(engine.running)),
+                  "tpustack_requests_waiting": ("requests queued for admission", len(engine.waiting)),
+                  "tpustack_kv_pages_in_use": ("KV cache pages held by requests", pool.in_use()),
+                  "tpustack_kv_pages_total": ("KV cache pages in the pool", pool.capacity),
+                  "tpustack_prefix_cache_hit_rate": ("prefix-cache hits / full prompt pages looked up",
+                                                     pool.stats.hit_rate)}
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = {"tpustack_preemptions": ("requests preempted (recomputed later)", engine.stats.preemptions),
+                    "tpustack_engine_steps": ("engine steps run", engine.stats.steps),
+                    "tpustack_prefix_cache_queries": ("full prompt pages looked up", pool.stats.prefix_queries),
+                    "tpustack_prefix_cache_hits": ("of those, found in the cache", pool.stats.prefix_hits)}
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+# ---- request parsing ------------------------------------------------------------------
+
+def _field(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+                             list: "an array", dict: "an object"}[k] for k in kinds)
+        raise APIError(400, f"{name}: expected {names}, got {json.dumps(value)[:40]}", name)
+    return value
+
+
+def _range(name: str, value, lo, hi, why: str = "") -> None:
+    if not lo <= value <= hi:
+        raise APIError(400, f"{name} {value}: must be in [{lo}, {hi}]{why}", name)
+
+
+@dataclasses.dataclass
+class Params:
+    max_tokens: int
+    sampling: list[SamplingParams]  # one per choice
+    stop: tuple[str, ...]
+    logprobs: int | None
+    stream: bool
+    include_usage: bool
+
+
+def _params(body: dict, scfg: ServerConfig, prompt_len: int, context: int, max_top: int, chat: bool) -> Params:
+    room = max(context - prompt_len, 1)
+    if chat:
+        max_tokens = _field(body, "max_completion_tokens", int) or _field(body, "max_tokens", int)
+        max_tokens = min(room, scfg.max_tokens_limit) if max_tokens is None else max_tokens
+    else:
+        max_tokens = _field(body, "max_tokens", int, scfg.default_max_tokens)
+    _range("max_tokens", max_tokens, 1, scfg.max_tokens_limit, " (this server's limit)")
+    temperature = _field(body, "temperature", (int, float), 1.0)
+    _range("temperature", temperature, 0, 2)
+    top_p = _field(body, "top_p", (int, float), 1.0)
+    if not 0 < top_p <= 1:
+        raise APIError(400, f"top_p {top_p}: must be in (0, 1]", "top_p")
+    top_k = _field(body, "top_k", int, 0)
+    if top_k < -1:
+        raise APIError(400, f"top_k {top_k}: must be >= 0 (0 or -1: off)", "top_k")
+    n = _field(body, "n", int, 1)
+    _range("n", n, 1, scfg.max_n)
+    seed = _field(body, "seed", int)
+    if seed is None:
+        seed = secrets.randbits(31)
+    stop = _field(body, "stop", (str, list), ())
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "stop: at most 4 non-empty strings", "stop")
+    if chat:
+        top = _field(body, "top_logprobs", int)
+        logprobs = (top or 0) if _field(body, "logprobs", bool, False) else None
+        if top is not None and logprobs is None:
+            raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        name = "top_logprobs"
+    else:
+        logprobs, name = _field(body, "logprobs", int), "logprobs"
+    if logprobs is not None:
+        _range(name, logprobs, 0, max_top, " (this server's max_top_logprobs)")
+    stream = _field(body, "stream", bool, False)
+    options = _field(body, "stream_options", dict, {})
+    include_usage = _field(options, "include_usage", bool, False)
+    sampling = [SamplingParams(float(temperature), max(top_k, 0), float(top_p), (seed + i) & 0xFFFFFFFF)
+                for i in range(n)]
+    return Params(max_tokens, sampling, stop, logprobs, stream, include_usage)
+
+
+async def _json_body(request: HTTPRequest, limit: int) -> dict:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"request body: {length} bytes is over this server's {limit}", None)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise APIError(413, f"request body: over this server's {limit} bytes", None)
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body: not valid JSON ({e})", None) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body: expected a JSON object", None)
+    return body
+
+
+def _param_of(message: str) -> str | None:
+    """The field a UserError's message starts with ("max_tokens 9: ...", "prompt: ...")."""
+    word = message.split(" ", 1)[0].rstrip(":")
+    return word if word.replace("_", "").isalpha() else None
+
+
+# ---- serving ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Choice:
+    index: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    sent: int = 0  # characters of text already streamed
+    finish_reason: str | None = None
+
+
+class Server:
+    """The app's state: runner, tokenizer, chat template, metrics, limits."""
+
+    def __init__(self, runner: Runner, tokenizer, scfg: ServerConfig = ServerConfig(),
+                 chat_template: str | None = None, bos_token: str = "", eos_token: str = ""):
+        if tokenizer is None:
+            raise UserError("--checkpoint: has no tokenizer; the server needs one to read and write text")
+        self.runner, self.tok, self.scfg = runner, tokenizer, scfg
+        self.metrics = Metrics(runner)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self.template = env.from_string(chat_template or DEFAULT_CHAT_TEMPLATE)
+        self.special = {"bos_token": bos_token, "eos_token": eos_token}
+        self.created = int(time.time())
+
+    # -- text -------------------------------------------------------------------------
+
+    def text(self, choice: _Choice, stop: tuple[str, ...], final: bool) -> str:
+        """The choice's text: cut at the first stop string; while running, hold back what
+        could still become a stop string or an incomplete character."""
+        text = self.tok.decode(choice.tokens)
+        cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+        if cuts:
+            return text[:min(cuts)]
+        if final:
+            return text
+        if stop:
+            text = text[:max(len(text) - max(map(len, stop)) + 1, 0)]
+        return text.rstrip("\ufffd")
+
+    def _piece(self, token: int) -> str:
+        return self.tok.decode([token])
+
+    def logprobs(self, choice: _Choice, start: int, chat: bool, offset: int = 0) -> dict | None:
+        toks, lps, tops = choice.tokens[start:], choice.logprobs[start:], choice.tops[start:]
+        if chat:
+            entry = lambda t, lp: {"token": (s := self._piece(t)), "logprob": lp,  # noqa: E731
+                                   "bytes": list(s.encode("utf-8"))}
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+                                for t, lp, top in zip(toks, lps, tops or [[]] * len(toks))]}
+        pieces = [self._piece(t) for t in toks]
+        offsets = [offset + sum(map(len, pieces[:i])) for i in range(len(pieces))]
+        return {"tokens": pieces, "token_logprobs": lps, "text_offset": offsets,
+                "top_logprobs": [self._top(top) for top in tops] if tops else None}
+
+    def _top(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """Completions' {text: logprob}; tokens that decode alike keep the likeliest."""
+        out: dict[str, float] = {}
+        for i, v in top:
+            out.setdefault(self._piece(i), v)
+        return out
+
+    # -- requests ----------------------------------------------------------------------
+
+    def prompt_ids(self, body: dict, chat: bool) -> list[int]:
+        if chat:
+            messages = _field(body, "messages", list)
+            if not messages:
+                raise APIError(400, "messages: give at least one message", "messages")
+            clean = []
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES:
+                    raise APIError(400, f"messages[{i}].role: must be one of {ROLES}", "messages")
+                content = m.get("content") or ""
+                if isinstance(content, list):  # content parts: text only
+                    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                               for p in content):
+                        raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
+                    content = "".join(p["text"] for p in content)
+                if not isinstance(content, str):
+                    raise APIError(400, f"messages[{i}].content: expected a string", "messages")
+                clean.append({**m, "content": content})
+            try:
+                text = self.template.render(messages=clean, add_generation_prompt=True, **self.special)
+            except jinja2.TemplateError as e:
+                raise APIError(400, f"messages: the chat template refused them ({e})", "messages") from None
+            return self.tok.encode(text).tolist()
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            return self.tok.encode(prompt).tolist()
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            return list(prompt)
+        raise APIError(400, "prompt: expected a non-empty string or array of token ids (one prompt per request)",
+                       "prompt")
+
+    async def handle(self, request: HTTPRequest, chat: bool) -> Response:
+        body = await _json_body(request, self.scfg.max_request_bytes)
+        model = _field(body, "model", str, self.scfg.model_name)
+        if model != self.scfg.model_name:
+            raise APIError(404, f"model {model!r}: this server serves {self.scfg.model_name!r}", "model",
+                           code="model_not_found")
+        ids = self.prompt_ids(body, chat)
+        engine = self.runner.engine
+        p = _params(body, self.scfg, len(ids), engine.cfg.max_seq_len, engine.ecfg.max_top_logprobs, chat)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        handles = []
+
+        def submit(i: int):
+            on_output = lambda out: loop.call_soon_threadsafe(events.put_nowait, (i, out))  # noqa: E731
+            return self.runner.submit(ids, p.max_tokens, on_output, sampling=p.sampling[i], stop=p.stop,
+                                      logprobs=p.logprobs)
+
+        watcher = asyncio.create_task(self._cancel_on_disconnect(request, handles))
+        try:
+            for i in range(len(p.sampling)):
+                handles.append(await run_in_threadpool(submit, i))
+        except UserError as e:
+            self._cancel(handles)
+            watcher.cancel()
+            raise APIError(400, str(e), _param_of(str(e))) from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if p.stream:
+            return StreamingResponse(self._stream(rid, ids, p, chat, events, handles, watcher),
+                                     media_type="text/event-stream")
+        try:
+            choices = [_Choice(i) for i in range(len(handles))]
+            while any(c.finish_reason is None for c in choices):
+                i, out = await events.get()
+                self._take(choices[i], out)
+        finally:
+            self._cancel(handles)
+            watcher.cancel()
+        if any(c.finish_reason == "error" for c in choices):
+            raise APIError(500, "the engine failed; see the server's log", None, kind="server_error")
+        out = []
+        for c in choices:
+            text = self.text(c, p.stop, final=True)
+            lp = None if p.logprobs is None else self.logprobs(c, 0, chat)
+            item = {"index": c.index, "logprobs": lp, "finish_reason": _reason(c.finish_reason)}
+            item.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            out.append(item)
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.scfg.model_name, "choices": out,
+                             "usage": _usage(ids, choices)})
+
+    @staticmethod
+    def _take(choice: _Choice, out) -> None:
+        if out.token is not None:
+            choice.tokens.append(out.token)
+            if out.logprob is not None:
+                choice.logprobs.append(out.logprob)
+            if out.top is not None:
+                choice.tops.append(out.top)
+        if out.finish_reason is not None:
+            choice.finish_reason = out.finish_reason
+
+    async def _stream(self, rid, ids, p: Params, chat: bool, events: asyncio.Queue, handles, watcher):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": rid, "object": kind, "created": int(time.time()), "model": self.scfg.model_name}
+        extra = {"usage": None} if p.include_usage else {}
+        choices = [_Choice(i) for i in range(len(handles))]
+        try:
+            if chat:
+                for c in choices:
+                    delta = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}
+                    yield _sse({**head, "choices": [delta], **extra})
+            while any(c.finish_reason is None for c in choices):
+                i, out = await events.get()
+                c = choices[i]
+                start = len(c.tokens)
+                self._take(c, out)
+                text = self.text(c, p.stop, final=c.finish_reason is not None)
+                delta, offset = text[c.sent:], c.sent
+                c.sent = max(c.sent, len(text))
+                lp = None if p.logprobs is None or start == len(c.tokens) else self.logprobs(c, start, chat, offset)
+                if not delta and lp is None and c.finish_reason is None:
+                    continue
+                item = {"index": i, "logprobs": lp, "finish_reason": _reason(c.finish_reason)}
+                item.update({"delta": {"content": delta}} if chat else {"text": delta})
+                yield _sse({**head, "choices": [item], **extra})
+            if any(c.finish_reason == "error" for c in choices):
+                yield _sse({"error": {"message": "the engine failed; see the server's log", "type": "server_error",
+                                      "param": None, "code": None}})
+            if p.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(ids, choices)})
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (the generator is closed) or we are done: free the pages
+            self._cancel(handles)
+            watcher.cancel()
+
+    def _cancel(self, handles) -> None:
+        for h in handles:
+            if h.request is None:  # not finished yet
+                self.runner.cancel(h)
+
+    async def _cancel_on_disconnect(self, request: HTTPRequest, handles) -> None:
+        """Wait for the client to go away, then cancel its requests (the body is read by now)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self._cancel(handles)
+
+
+def _raise(message: str):
+    raise jinja2.TemplateError(message)
+
+
+def _reason(reason: str | None) -> str | None:
+    return {"cancelled": "abort", "error": "abort"}.get(reason, reason)
+
+
+def _usage(ids: list[int], choices: list[_Choice]) -> dict:
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def create_app(server: Server) -> Starlette:
+    """The ASGI app; its shutdown drains the runner (uvicorn stops accepting first)."""
+    scfg = server.scfg
+
+    def endpoint(fn, auth: bool = True):
+        async def wrapped(request: HTTPRequest) -> Response:
+            try:
+                if auth and scfg.api_key is not None:
+                    given = request.headers.get("authorization", "")
+                    if not hmac.compare_digest(given.encode(), f"Bearer {scfg.api_key}".encode()):
+                        raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`", None,
+                                       kind="authentication_error", code="invalid_api_key")
+                return await fn(request)
+            except APIError as e:
+                return e.response()
+        return wrapped
+
+    async def models(_):
+        engine = server.runner.engine
+        return JSONResponse({"object": "list", "data": [
+            {"id": scfg.model_name, "object": "model", "created": server.created, "owned_by": "tpustack",
+             "max_model_len": engine.cfg.max_seq_len}]})
+
+    async def health(_):
+        if server.runner.error is not None:
+            return JSONResponse({"status": "error", "error": repr(server.runner.error)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(_):
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def not_found(request, exc):
+        return APIError(getattr(exc, "status_code", 404), f"{request.url.path}: {getattr(exc, 'detail', '')}",
+                        None).response()
+
+    routes = [Route("/v1/completions", endpoint(lambda r: server.handle(r, chat=False)), methods=["POST"]),
+              Route("/v1/chat/completions", endpoint(lambda r: server.handle(r, chat=True)), methods=["POST"]),
+              Route("/v1/models", endpoint(models), methods=["GET"]),
+              Route("/health", endpoint(health, auth=False), methods=["GET"]),
+              Route("/metrics", endpoint(metrics, auth=False), methods=["GET"])]
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await run_in_threadpool(server.runner.shutdown, True)
+
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
