@@ -79,6 +79,7 @@ def test_main_job_smoke_then_eval_and_sample(tmp_path):
     (["train", "--config.mesh.data=3"], "config.mesh: data=3 x stage=1 x fsdp=1 x tensor=1 = 3 devices, but 8 are available"),
     (["sample", "--checkpoint", "/nonexistent", "--prompt-ids", "1"], "--checkpoint '/nonexistent': neither a tpustack workdir"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["serve", "--checkpoint", "/nonexistent"], "--checkpoint '/nonexistent': neither a tpustack workdir"),
 ])
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
     if args[0] == "train":  # the test's overrides first, so the bad value under test wins

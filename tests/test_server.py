@@ -219,3 +219,61 @@ def test_disconnect_mid_stream_frees_the_pages(served):
         time.sleep(0.01)
     assert pool.in_use() == 0 and not server.runner.engine.has_work()
     assert metrics(url).get(cancelled, 0) == before + 1  # cancelled, not finished
+
+
+def byte_level_tokenizer_json() -> str:
+    """A tokenizer.json: byte-level BPE without merges (256 byte tokens) and </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["</s>"])
+    return tok.to_str()
+
+
+@pytest.mark.slow
+def test_tpustack_serve_an_hf_directory_with_its_chat_template_then_sigterm(params, tmp_path):
+    """The CLI end to end: the one loader, the checkpoint's jinja2 template, SIGTERM exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tpustack.interop.hf import save_hf_checkpoint
+
+    ckpt = tmp_path / "hf"
+    save_hf_checkpoint(str(ckpt), jax.device_get(params), CFG)
+    (ckpt / "tokenizer.json").write_text(byte_level_tokenizer_json())
+    template = "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "tpustack", "serve", "--checkpoint", str(ckpt), "--port",
+                             str(port), "--num-pages", "64", "--max-seqs", "4", "--token-budget", "32"],
+                            cwd=root, stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["hf"]
+        r = client.chat.completions.create(model="hf", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           temperature=0)
+        assert r.usage.prompt_tokens == len("[USER] hi") + 1  # the template ran: bytes + </s>
+        assert r.usage.completion_tokens <= 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err = proc.stderr.read()
+    assert "Traceback" not in err, err[-2000:]

@@ -5,6 +5,7 @@
     tpustack eval   --workdir DIR
     tpustack generate --checkpoint DIR [--draft DIR] --prompt TEXT | --prompt-ids 1,2,3 [--json]
                       (`sample` is the same command)
+    tpustack serve --checkpoint DIR [--host 127.0.0.1 --port 8000 --api-key KEY]   (OpenAI-compatible HTTP)
     tpustack bench decode [--checkpoint DIR] [--batch B --prompt-len L --new-tokens N --price-per-hour P]
     tpustack estimate --config configs/llama2_13b.py [--chip v5p --chips 16 --context 4096 --batch 8]
 """
@@ -87,6 +88,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "int8"])
     gen.add_argument("--json", action="store_true", help="print the generated ids and text as JSON")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: continuous batching over a paged KV "
+                                       "cache (/v1/completions, /v1/chat/completions, /metrics)")
+    srv.add_argument("--checkpoint", required=True, help="a tpustack workdir or a Hugging Face directory")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    srv.add_argument("--model-name", default=None, help="the model id clients name (default: the checkpoint's "
+                     "directory name)")
+    srv.add_argument("--draft", default=None, help="a draft model for speculative decoding in the engine")
+    srv.add_argument("--speculate-k", type=int, default=4)
+    srv.add_argument("--page-size", type=int, default=16)
+    srv.add_argument("--num-pages", type=int, default=1024, help="KV cache pages (each page-size tokens)")
+    srv.add_argument("--max-seqs", type=int, default=32, help="sequences per engine step")
+    srv.add_argument("--token-budget", type=int, default=256, help="tokens per engine step")
+    srv.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--max-top-logprobs", type=int, default=5)
+    srv.add_argument("--max-tokens-limit", type=int, default=4096, help="the most tokens a request may ask for")
+    srv.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger request bodies answer 413")
     bench = sub.add_parser("bench", help="measure decoding: TTFT, TPOT, tokens/s, acceptance, cost")
     bench.add_argument("what", choices=["decode"])
     bench.add_argument("--checkpoint", default=None, help="a workdir or HF directory (default: random weights)")
@@ -228,6 +247,46 @@ def cmd_generate(args) -> int:
             raise UserError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
     _decode(gen, tok, args.prompt, ids, args.max_new_tokens,
             _sampling(len(ids), args.temperature, args.top_k, args.top_p, args.seed), as_json=args.json)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        import signal
+
+        import uvicorn
+
+        from tpustack.infer.server import Server, ServerConfig, create_app, load_chat_template
+    except ImportError as e:
+        raise UserError(f"serve: {e.name} is missing; pip install 'tpustack[serve]'") from None
+    from tpustack.infer.engine import Engine, EngineConfig
+    from tpustack.infer.runner import Runner
+    from tpustack.weights import load_weights, weights_kind
+
+    cfg, params, tok = load_weights(args.checkpoint)
+    if tok is None:
+        raise UserError(f"--checkpoint {args.checkpoint!r}: has no tokenizer; the server reads and writes text")
+    template, bos, eos = (load_chat_template(args.checkpoint) if weights_kind(args.checkpoint) == "hf"
+                          else (None, "", ""))
+    draft = None
+    if args.draft is not None:
+        d = load_weights(args.draft)
+        draft = (d.cfg, d.params)
+    ecfg = EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_seqs=args.max_seqs,
+                        token_budget=args.token_budget, cache_dtype=args.cache_dtype,
+                        max_top_logprobs=0 if draft else args.max_top_logprobs)
+    engine = Engine(cfg, params, ecfg, eos_id=_eos(tok), detokenize=tok.decode, draft=draft, k=args.speculate_k)
+    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint)) or "tpustack"
+    scfg = ServerConfig(model_name=name, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+                        max_tokens_limit=args.max_tokens_limit)
+    server = Server(Runner(engine), tok, scfg, template, bos, eos)
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (chat template: "
+          f"{'the checkpoint' if template else 'tpustack default'})", file=sys.stderr)
+    # uvicorn stops admitting on SIGTERM/SIGINT, lets open requests finish, then the app's shutdown
+    # drains the runner; it re-raises the signal afterwards, which these handlers turn into exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -377,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_generate(args)  # generate, or its alias sample
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
