@@ -239,10 +239,14 @@ async def _json_body(request: HTTPRequest, limit: int) -> dict:
     return body
 
 
+FIELDS = ("prompt", "messages", "max_tokens", "logprobs", "top_logprobs", "temperature", "top_k", "top_p",
+          "seed", "stop", "n")
+
+
 def _param_of(message: str) -> str | None:
     """The field a UserError's message starts with ("max_tokens 9: ...", "prompt: ...")."""
     word = message.split(" ", 1)[0].rstrip(":")
-    return word if word.replace("_", "").isalpha() else None
+    return word if word in FIELDS else None
 
 
 # ---- serving ----------------------------------------------------------------------------
@@ -358,7 +362,11 @@ class Server:
         handles = []
 
         def submit(i: int):
-            on_output = lambda out: loop.call_soon_threadsafe(events.put_nowait, (i, out))  # noqa: E731
+            def on_output(out) -> None:  # on the engine thread
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (i, out))
+                except RuntimeError:  # the event loop has closed: nobody is listening
+                    pass
             return self.runner.submit(ids, p.max_tokens, on_output, sampling=p.sampling[i], stop=p.stop,
                                       logprobs=p.logprobs)
 
@@ -369,6 +377,8 @@ class Server:
         except UserError as e:
             self._cancel(handles)
             watcher.cancel()
+            if self.runner.error is not None or "shutting down" in str(e):
+                raise APIError(503, str(e), None, kind="server_error") from None
             raise APIError(400, str(e), _param_of(str(e))) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if p.stream:
