@@ -270,7 +270,15 @@ def test_tpustack_serve_an_hf_directory_with_its_chat_template_then_sigterm(para
                                            temperature=0)
         assert r.usage.prompt_tokens == len("[USER] hi") + 1  # the template ran: bytes + </s>
         assert r.usage.completion_tokens <= 4
-        proc.send_signal(signal.SIGTERM)
+        # SIGTERM with a stream open: uvicorn stops accepting, the stream still runs to its end
+        body = {"model": "hf", "prompt": "go", "max_tokens": 60, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["usage"]["completion_tokens"] == 60
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
