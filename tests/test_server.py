@@ -171,6 +171,8 @@ def test_auth_and_errors_are_openai_shaped(served, client, solo):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(url + "/v1/completions", content=b"{not json", headers=auth)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", content=b"[" * 50000, headers=auth)  # too deep for the parser
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(url + "/v1/completions", json={"prompt": "a" * (1 << 17)}, headers=auth)
     assert r.status_code == 413
     with pytest.raises(openai.BadRequestError) as e:

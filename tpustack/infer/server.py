@@ -232,7 +232,7 @@ async def _json_body(request: HTTPRequest, limit: int) -> dict:
             raise APIError(413, f"request body: over this server's {limit} bytes", None)
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep for the parser
         raise APIError(400, f"request body: not valid JSON ({e})", None) from None
     if not isinstance(body, dict):
         raise APIError(400, "request body: expected a JSON object", None)
@@ -495,6 +495,8 @@ def create_app(server: Server) -> Starlette:
                 return await fn(request)
             except APIError as e:
                 return e.response()
+            except Exception as e:  # noqa: BLE001 - a bug, not the client's fault: still OpenAI's shape
+                return APIError(500, f"internal error: {type(e).__name__}: {e}", None, kind="server_error").response()
         return wrapped
 
     async def models(_):
