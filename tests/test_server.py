@@ -120,6 +120,11 @@ def test_n_seeded_sampling_equals_solo(client, solo):
     for c in r.choices:
         want = solo(ids, 8, SamplingParams(1.0, 20, 0.9, 7 + c.index))
         assert c.text == TOK.decode(want)
+    texts = ["", ""]
+    for chunk in client.completions.create(model="tiny", prompt="abc", max_tokens=8, temperature=1.0, top_p=0.9,
+                                           seed=7, n=2, extra_body={"top_k": 20}, stream=True):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [c.text for c in r.choices[:2]]
 
 
 def test_stop_strings_cut_the_text(client, solo):
@@ -154,6 +159,13 @@ def test_auth_and_errors_are_openai_shaped(served, client, solo):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     auth = {"Authorization": f"Bearer {KEY}"}
+    in_flight = {}  # a stream that runs while the bad requests come and go
+
+    def stream():
+        chunks = client.completions.create(model="tiny", prompt="steady", max_tokens=40, temperature=0, stream=True)
+        in_flight["text"] = "".join(c.choices[0].text for c in chunks)
+    thread = threading.Thread(target=stream)
+    thread.start()
     bad = [({"prompt": "a", "max_tokens": 10**6}, 400, "max_tokens"),
            ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
            ({"prompt": "a", "temperature": "hot"}, 400, "temperature"),
@@ -181,6 +193,8 @@ def test_auth_and_errors_are_openai_shaped(served, client, solo):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert [m.id for m in client.models.list()] == ["tiny"]
+    thread.join(60)
+    assert in_flight["text"] == TOK.decode(solo(TOK.encode("steady").tolist(), 40))
     r = client.completions.create(model="tiny", prompt="ok", max_tokens=5, temperature=0)  # still serving
     assert r.choices[0].text == TOK.decode(solo(TOK.encode("ok").tolist(), 5))
 
