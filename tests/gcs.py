@@ -29,6 +29,10 @@ tests leave untested (checked by tests/test_gcs_paths.py::test_emulator_shortfal
   read_range sends only `bytes=a-b`.
 - No authentication, IAM, retention, rate limits (429/503) or retries are exercised, and
   every request is served one at a time.
+- Media downloads come without x-goog-generation / x-goog-metageneration headers, which
+  tensorstore needs to rewrite an object it has read (orbax's OCDBT manifests); the emulator
+  runs here with those headers added (`_serve`), so the generation numbers it hands out are
+  exercised, but not Cloud Storage's own header handling.
 """
 
 from __future__ import annotations
@@ -78,22 +82,29 @@ def _healthy(url: str) -> bool:
 
 
 def start_emulator(cwd: str, attempts: int = 3) -> tuple[subprocess.Popen, str]:
-    """(process, url) of an in-memory emulator on a free 127.0.0.1 port."""
+    """(process, url) of an in-memory emulator on a free 127.0.0.1 port; its log is cwd/emulator.log.
+
+    The log is a file, never a pipe: nobody reads a pipe once the emulator is up, and a full
+    one blocks the emulator's only thread, hanging every client (a run of failed requests'
+    tracebacks is enough)."""
+    log = os.path.join(cwd, "emulator.log")
     for _ in range(attempts):
         port = _free_port()  # another process may take it before the emulator binds: retry
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-             "--port", str(port), "--in-memory", "--quiet"],
-            cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "start", "--host", "127.0.0.1",
+                 "--port", str(port), "--in-memory", "--quiet"],
+                cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 30
         while proc.poll() is None and time.monotonic() < deadline:
             if _healthy(url):
                 return proc, url
             time.sleep(0.05)
         proc.kill()
-        _, err = proc.communicate()
-    raise RuntimeError(f"gcp-storage-emulator did not start: {err.decode(errors='replace')[-2000:]}")
+        proc.wait()
+    with open(log, "rb") as err:
+        raise RuntimeError(f"gcp-storage-emulator did not start: {err.read().decode(errors='replace')[-2000:]}")
 
 
 def create_bucket(url: str, name: str) -> None:
@@ -136,3 +147,46 @@ def gcs_bucket(gcs_emulator) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     create_bucket(gcs_emulator, name)
     return f"gs://{name}"
+
+
+def _serve(argv: list[str]) -> None:
+    """The emulator's own `start`, with two changes:
+
+    - media downloads carry x-goog-generation and x-goog-metageneration, as Cloud Storage's
+      do. tensorstore (orbax's arrays) takes an object's generation from those headers when it
+      reads an OCDBT manifest and sends it back as the precondition of its next write of it;
+      without them that write fails with "Malformed StorageGeneration" (every checkpoint of
+      more than a few arrays reads and rewrites its manifest);
+    - a client that hangs up before its answer (gcsfs races two requests per `info` and drops
+      the loser) is not worth a traceback in the log.
+
+    The handler table is built when the server module is imported, so the handler is replaced
+    before that."""
+    import socketserver
+
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        if response.status.value in (200, 206):
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+    objects.download = download_with_generation
+    handle_error = socketserver.BaseServer.handle_error
+
+    def quiet_hangups(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            handle_error(self, request, client_address)
+
+    socketserver.BaseServer.handle_error = quiet_hangups
+    from gcp_storage_emulator.__main__ import main
+
+    main(argv)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])

@@ -1,6 +1,7 @@
 """tpustack.paths on local paths and on gs:// (a local emulator), orbax on gs://, and where the
 emulator differs from Cloud Storage."""
 
+import json
 import os
 import subprocess
 import sys
@@ -110,9 +111,26 @@ def test_emulator_shortfalls(gcs_emulator, gcs_bucket):
     media = f"{gcs_emulator}/storage/v1/b/{bucket}/o/obj?alt=media"
     assert _request(media, headers={"Range": "bytes=10-19"}) == (206, bytes(range(10, 20)))
     assert _request(media, headers={"Range": "bytes=95-"}) == (206, bytes(range(95, 100)))
+    # tests/gcs.py adds the generation headers Cloud Storage sends (tensorstore needs them)
+    with urllib.request.urlopen(media, timeout=10) as r:
+        meta = json.loads(_request(f"{gcs_emulator}/storage/v1/b/{bucket}/o/obj")[1])
+        assert r.headers["x-goog-generation"] == meta["generation"] and r.headers["x-goog-metageneration"] == "1"
     # Cloud Storage: 206 with the last 5 bytes; the emulator ignores a suffix range
     assert _request(media, headers={"Range": "bytes=-5"}) == (200, bytes(range(100)))
     # Cloud Storage: 412 Precondition Failed (the object exists); the emulator overwrites it
     assert _request(upload + "&ifGenerationMatch=0", "POST", b"new")[0] == 200
     assert _request(upload + "&ifGenerationMatch=12345", "POST", b"newer")[0] == 200
     assert paths.read_bytes(f"{gcs_bucket}/obj") == b"newer"
+
+
+def test_another_hosts_writes_are_seen_after_a_listing(gcs_emulator, gcs_bucket):
+    """gcsfs answers exists/info from a cached listing of the parent directory; another host's
+    object written after that listing must still be found (tpustack.paths turns the cache off)."""
+    run = paths.join(gcs_bucket, "run")
+    paths.write_text(paths.join(run, "1", "done"), "")
+    assert paths.glob(paths.join(run, "*")) == [paths.join(run, "1")] and paths.isdir(run)
+    bucket = gcs_bucket[len("gs://"):]
+    upload = f"{gcs_emulator}/upload/storage/v1/b/{bucket}/o?uploadType=media&name=run/2/done"
+    assert _request(upload, "POST", b"x")[0] == 200  # not through this process's filesystem object
+    assert paths.isfile(paths.join(run, "2", "done")) and paths.isdir(paths.join(run, "2"))
+    assert paths.as_path(paths.join(run, "2", "done")).exists()  # orbax's view, through etils epath

@@ -10,6 +10,13 @@ those that take one (orbax).
 Cloud Storage has no directories and no partial writes: `isdir` is true for any prefix that
 has objects under it, `makedirs` is a no-op there, and a write replaces the whole object when
 the file is closed. Large remote files are read by byte ranges (`read_ranges`), never mapped.
+
+Many hosts share one gs:// workdir, so nothing here may answer from a stale listing: gcsfs
+caches every directory listing per process and then answers `exists`/`info` for anything
+under that directory from the cache, so an object another host wrote after the listing
+reads as missing (an orbax step or commit marker, a checkpoint another job wrote). Importing
+this module turns gcsfs's listings cache off (fsspec's config for the gcs protocol, which
+orbax's etils epath reads too) unless the user configured it (FSSPEC_GCS_USE_LISTINGS_CACHE).
 """
 
 from __future__ import annotations
@@ -33,6 +40,19 @@ PathLike = str | os.PathLike
 
 _REMOTE_SCHEMES = ("gs", "s3", "az", "hf")  # what etils epath routes to fsspec
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _no_listings_cache() -> None:
+    try:
+        import fsspec.config
+    except ImportError:  # no gcs extra: nothing remote can be opened anyway
+        return
+    conf = fsspec.config.conf
+    if not any("use_listings_cache" in conf.get(p, {}) for p in ("gs", "gcs")):
+        conf.setdefault("gcs", {})["use_listings_cache"] = False
+
+
+_no_listings_cache()
 
 
 def is_remote(path: PathLike) -> bool:

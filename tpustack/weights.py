@@ -1,5 +1,5 @@
-"""The one way in for weights: a tpustack workdir or a Hugging Face directory -> (ModelConfig,
-params, tokenizer), placed on the caller's mesh (one device by default).
+"""The one way in for weights: a tpustack workdir or a Hugging Face directory, local or gs://
+-> (ModelConfig, params, tokenizer), placed on the caller's mesh (one device by default).
 
 Every command that needs only weights (generate, eval, bench, serve, quantize, export, a
 distillation teacher) comes through `load_weights`; none of them builds an optimizer. A
@@ -12,7 +12,6 @@ one copy of the params plus the largest leaf.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from tpustack import paths
 from tpustack.checkpoint import Checkpointer, checkpoint_dir
 from tpustack.config import ModelConfig
 from tpustack.data import load_tokenizer
@@ -37,9 +37,9 @@ class Weights(NamedTuple):
 
 def weights_kind(path: str) -> str:
     """'workdir' (WORKDIR/checkpoints) or 'hf' (config.json + *.safetensors); else a UserError."""
-    if os.path.isdir(checkpoint_dir(path)):
+    if paths.isdir(checkpoint_dir(path)):
         return "workdir"
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if paths.isfile(paths.join(path, "config.json")):
         return "hf"
     if path.endswith(".gguf"):
         raise UserError(f"--checkpoint {path!r}: GGUF import is not supported yet; convert it to a Hugging "
@@ -90,7 +90,7 @@ def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") ->
     cfg = dataclasses.replace(cfg, scan_layers=False)
     params = jax.device_put(host_params, _shardings(cfg, mesh, rules))
     del host_params
-    tokenizer = load_tokenizer(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    tokenizer = load_tokenizer(path) if paths.isfile(paths.join(path, "tokenizer.json")) else None
     return Weights(cfg, params, tokenizer)
 
 

@@ -4,15 +4,15 @@ Dimension letters: D model, F mlp, N heads, K kv heads, H head dim, V vocab, L l
 Torch Linear weights are [out, in]; ours are [in, ...out] split per head, so every tensor
 maps by a transpose and a reshape. Our RoPE uses the HF rotate-half layout, so q/k need
 no permutation. Arrays here are host numpy; sharding them is the caller's business.
+Directories may be local or gs:// (tpustack.paths): a remote safetensors file is read into
+memory whole, and written from one in-memory buffer, as safetensors opens only local files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
-import os
 from typing import Any
 
 # Importing ml_dtypes registers bfloat16 with numpy, which is what lets
@@ -24,6 +24,7 @@ import safetensors.numpy
 from flax import linen as nn
 from flax.linen import meta
 
+from tpustack import paths
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
 from tpustack.model import abstract_params, stack_layers, unstack_layers
@@ -208,21 +209,23 @@ def params_to_hf_state(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 def load_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[ModelConfig, dict]:
     """Read config.json and all *.safetensors under `path`; return (cfg, numpy params)."""
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise UserError(f"HF checkpoint {path!r}: no such directory; pass a directory holding config.json")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    config_path = paths.join(path, "config.json")
+    if not paths.isfile(config_path):
         raise UserError(f"HF checkpoint {path!r}: config.json is missing")
-    with open(config_path) as f:
-        cfg = config_from_hf(json.load(f), **config_overrides)
+    cfg = config_from_hf(json.loads(paths.read_text(config_path)), **config_overrides)
     # A sharded checkpoint's index only maps names to files; reading every shard is enough.
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = paths.glob(paths.join(path, "*.safetensors"))
     if not files:
         raise UserError(f"HF checkpoint {path!r}: no *.safetensors files; convert .bin weights "
                         "with transformers' save_pretrained(safe_serialization=True)")
     state: dict[str, np.ndarray] = {}
     for file in files:
-        state.update(safetensors.numpy.load_file(file))
+        if paths.is_remote(file):
+            state.update(safetensors.numpy.load(paths.read_bytes(file)))
+        else:
+            state.update(safetensors.numpy.load_file(file))
     return cfg, params_from_hf_state(state, cfg)
 
 
@@ -254,9 +257,11 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
 
 def save_hf_checkpoint(path: str, params: dict, cfg: ModelConfig) -> None:
     """Write config.json and model.safetensors that transformers' from_pretrained loads."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config_from(cfg), f, indent=2)
+    paths.makedirs(path)
+    paths.write_text(paths.join(path, "config.json"), json.dumps(hf_config_from(cfg), indent=2))
+    state, file = params_to_hf_state(params, cfg), paths.join(path, "model.safetensors")
     # transformers refuses safetensors files whose metadata lacks a known format.
-    safetensors.numpy.save_file(params_to_hf_state(params, cfg), os.path.join(path, "model.safetensors"),
-                                metadata={"format": "pt"})
+    if paths.is_remote(file):
+        paths.write_bytes(file, safetensors.numpy.save(state, metadata={"format": "pt"}))
+    else:
+        safetensors.numpy.save_file(state, file, metadata={"format": "pt"})

@@ -17,9 +17,11 @@ counted byte or FLOP or a measured machine property; nothing is fitted to a benc
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 
 import numpy as np
 
+from tpustack import paths
 from tpustack.config import ModelConfig
 from tpustack.dtypes import itemsize
 from tpustack.errors import UserError
@@ -204,5 +206,6 @@ def plot(pred: Prediction, chip: Chip, path: str, title: str = "") -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title="op (FLOP/byte)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with paths.open(path, "wb") as f:  # local or gs://; the format from the name, as savefig(path) does
+        fig.savefig(f, format=posixpath.splitext(path)[1][1:].lower() or "png", dpi=110)
     plt.close(fig)

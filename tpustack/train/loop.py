@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any
 
 import jax
 
+from tpustack import paths
 from tpustack.checkpoint import Checkpointer
 from tpustack.config import Config, MeshConfig
 from tpustack.data import Batcher, load_tokenizer, load_tokens
@@ -130,7 +130,7 @@ def _run(config: Config, workdir: str, trainer: Trainer, ckpt: Checkpointer, sta
     t, mesh = config.train, trainer.mesh
     start = int(state.step)
     last = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
-    writer = MetricsWriter(os.path.join(workdir, "tb"))
+    writer = MetricsWriter(paths.join(workdir, "tb"))
     progress = Progress(total=last, initial=start, desc=config.name) if not quiet else None
     reporter = StepReporter(config, last, writer, progress)
     reporter.say(f"{config.name}: {config.model.num_params() / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
