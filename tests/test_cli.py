@@ -80,6 +80,7 @@ def test_main_job_smoke_then_eval_and_sample(tmp_path):
     (["sample", "--checkpoint", "/nonexistent", "--prompt-ids", "1"], "--checkpoint '/nonexistent': neither a tpustack workdir"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["serve", "--checkpoint", "/nonexistent"], "--checkpoint '/nonexistent': neither a tpustack workdir"),
+    (["export", "--checkpoint", "/nonexistent", "--format", "gguf", "--out", "x"], "--format 'gguf': one of hf"),
 ])
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
     if args[0] == "train":  # the test's overrides first, so the bad value under test wins
@@ -147,3 +148,46 @@ def test_kill_9_during_saves_never_leaves_a_checkpoint_restore_would_pick(tmp_pa
     partial = os.path.join(ckpt_dir, f"{last + 1}.orbax-checkpoint-tmp-1234567890")
     os.makedirs(os.path.join(partial, "state"))
     assert latest() == last
+
+
+def _bpe_tokenizer(path) -> None:
+    """A small byte-level BPE tokenizer.json (300 tokens, <s> and </s>), trained on the fly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([f"def f{i}(x):\n    return x + {i}\n" for i in range(200)], trainer)
+    tok.save(str(path))
+
+
+@pytest.mark.slow
+def test_export_hf_from_a_workdir_gives_its_logits_and_tokenizer(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tpustack.model import Decoder
+    from tpustack.weights import load_weights
+
+    _bpe_tokenizer(tmp_path / "tokenizer.json")
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
+    trained = tpustack("train", "--config", "configs/tiny.py", *SMALL, "--config.train.steps=3", "--no-samples",
+                       f"--config.data.tokenizer={tmp_path / 'tokenizer.json'}", "--workdir", workdir)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = tpustack("export", "--checkpoint", workdir, "--format", "hf", "--out", out)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert exported.stdout.split() == [os.path.join(out, f) for f in ("config.json", "model.safetensors",
+                                                                      "tokenizer.json")]
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    (cfg_a, params_a, tok_a), (cfg_b, params_b, tok_b) = load_weights(workdir), load_weights(out)
+    assert cfg_a == cfg_b
+    ids = tok_a.encode("def f7(x):\n    return x + 7\n")
+    np.testing.assert_array_equal(tok_b.encode("def f7(x):\n    return x + 7\n"), ids)
+    tokens = jnp.asarray(np.stack([ids, ids[::-1]]))
+    logits_a, logits_b = (Decoder(cfg_a).apply({"params": p}, tokens) for p in (params_a, params_b))
+    np.testing.assert_array_equal(jax.device_get(logits_a), jax.device_get(logits_b))
+    again = tpustack("export", "--checkpoint", workdir, "--format", "hf", "--out", out, timeout=120)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr, again.stderr[-2000:]

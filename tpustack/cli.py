@@ -5,6 +5,7 @@
     tpustack eval   --workdir DIR
     tpustack generate --checkpoint DIR [--draft DIR] --prompt TEXT | --prompt-ids 1,2,3 [--json]
                       (`sample` is the same command)
+    tpustack export --checkpoint DIR --format hf --out DIR   (DIR: local or gs://)
     tpustack serve --checkpoint DIR [--host 127.0.0.1 --port 8000 --api-key KEY]   (OpenAI-compatible HTTP)
     tpustack bench decode [--checkpoint DIR] [--batch B --prompt-len L --new-tokens N --price-per-hour P]
     tpustack estimate --config configs/llama2_13b.py [--chip v5p --chips 16 --context 4096 --batch 8]
@@ -88,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "int8"])
     gen.add_argument("--json", action="store_true", help="print the generated ids and text as JSON")
+    exp = sub.add_parser("export", help="write a checkpoint's weights in another format (hf: a Hugging Face "
+                                        "directory transformers loads)")
+    exp.add_argument("--checkpoint", required=True, help="a tpustack workdir or a Hugging Face directory")
+    exp.add_argument("--format", required=True, help="hf")
+    exp.add_argument("--out", required=True, help="a new directory, local or gs://")
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: continuous batching over a paged KV "
                                        "cache (/v1/completions, /v1/chat/completions, /metrics)")
     srv.add_argument("--checkpoint", required=True, help="a tpustack workdir or a Hugging Face directory")
@@ -247,6 +253,14 @@ def cmd_generate(args) -> int:
             raise UserError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
     _decode(gen, tok, args.prompt, ids, args.max_new_tokens,
             _sampling(len(ids), args.temperature, args.top_k, args.top_p, args.seed), as_json=args.json)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tpustack.export import export
+
+    for path in export(args.checkpoint, args.format, args.out):
+        print(path)
     return 0
 
 
@@ -438,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_generate(args)  # generate, or its alias sample
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json, local or remote (read as text, no temp file)."""
 
     def __init__(self, path: str):
-        self.name = path
+        self.name = self.path = path  # path: where exports copy the tokenizer.json from
         self._tok = Tokenizer.from_str(paths.read_bytes(path).decode("utf-8"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)

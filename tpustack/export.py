@@ -1,0 +1,41 @@
+"""`tpustack export`: a checkpoint's weights, through the one loader, into another format.
+
+    tpustack export --checkpoint WORKDIR --format hf --out DIR      (DIR local or gs://)
+
+One function per format, registered in EXPORTERS: each takes the loaded Weights and an
+output directory and returns the files it wrote. `hf` writes config.json, model.safetensors
+and, when the checkpoint was trained with a Hugging Face tokenizer, its tokenizer.json
+(transformers' from_pretrained loads the directory; so does load_weights).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tpustack import paths
+from tpustack.data import HFTokenizer
+from tpustack.errors import UserError
+from tpustack.interop.hf import save_hf_checkpoint
+from tpustack.weights import Weights, load_weights
+
+
+def export_hf(weights: Weights, out: str) -> list[str]:
+    """A Hugging Face Llama directory: config.json, model.safetensors[, tokenizer.json]."""
+    save_hf_checkpoint(out, weights.params, weights.cfg)
+    written = [paths.join(out, "config.json"), paths.join(out, "model.safetensors")]
+    if isinstance(weights.tokenizer, HFTokenizer):  # the byte tokenizer has no file
+        written.append(paths.join(out, "tokenizer.json"))
+        paths.write_bytes(written[-1], paths.read_bytes(weights.tokenizer.path))
+    return written
+
+
+EXPORTERS: dict[str, Callable[[Weights, str], list[str]]] = {"hf": export_hf}
+
+
+def export(checkpoint: str, fmt: str, out: str) -> list[str]:
+    """Export `checkpoint` (a workdir or HF directory) as `fmt` into the new directory `out`."""
+    if fmt not in EXPORTERS:
+        raise UserError(f"--format {fmt!r}: one of {', '.join(EXPORTERS)}")
+    if paths.isfile(out) or (paths.isdir(out) and paths.find(out)):
+        raise UserError(f"--out {out!r}: exists and is not empty; pass a new directory")
+    return EXPORTERS[fmt](load_weights(checkpoint), out)
