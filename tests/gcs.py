@@ -141,12 +141,17 @@ def gcs_emulator(tmp_path_factory):
             proc.wait()
 
 
+def new_bucket(url: str) -> str:
+    """"gs://<name>" of a new, empty bucket on the emulator at `url`."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    create_bucket(url, name)
+    return f"gs://{name}"
+
+
 @pytest.fixture
 def gcs_bucket(gcs_emulator) -> str:
     """"gs://<name>" of a new, empty bucket for this test."""
-    name = f"test-{uuid.uuid4().hex[:16]}"
-    create_bucket(gcs_emulator, name)
-    return f"gs://{name}"
+    return new_bucket(gcs_emulator)
 
 
 def _serve(argv: list[str]) -> None:
