@@ -27,7 +27,7 @@ ARGS = ["train", "--config", "configs/tiny.py", "--no-samples", "--config.model.
         "--config.train.eval_batches=1", "--config.train.eval_every=0", "--config.train.log_every=1",
         "--config.data.max_bytes=200000", "--config.checkpoint.every=10", "--config.mesh.data=-1",
         "--config.mesh.fsdp=1"]
-STEPS = 150
+STEPS = 60
 
 
 def _port() -> int:

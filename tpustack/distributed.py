@@ -18,6 +18,7 @@ import os
 import jax
 
 from tpustack.errors import UserError
+from tpustack.platforms import tpu_visible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,22 +53,17 @@ def spec_from_env(env: dict[str, str] | None = None) -> DistributedSpec:
     return spec
 
 
-def on_cloud_tpu_vm() -> bool:
-    """A TPU VM exposes its chips as /dev/accel* (v2-v4) or /dev/vfio (v5e and later)."""
-    return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0"))
-
-
 def initialize(spec: DistributedSpec | None = None) -> None:
     """Start jax.distributed when there is more than one process; a no-op otherwise."""
     spec = spec or spec_from_env()
     if spec.local_devices:
         jax.config.update("jax_num_cpu_devices", spec.local_devices)
     if spec.num_processes <= 1:
-        if on_cloud_tpu_vm():
+        if tpu_visible():
             # The TPU metadata server names the workers and this one's id (one or many hosts).
             jax.distributed.initialize()
         return
-    if not on_cloud_tpu_vm():
+    if not tpu_visible():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
                                process_id=spec.process_id)

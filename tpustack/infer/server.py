@@ -21,16 +21,13 @@ import asyncio
 import dataclasses
 import hmac
 import json
-import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
@@ -39,35 +36,14 @@ from starlette.routing import Route
 
 from tpustack import paths
 from tpustack.errors import UserError
-from tpustack.infer.engine import Request
 from tpustack.infer.runner import Runner
-from tpustack.infer.sampling import SamplingParams
+from tpustack.infer.openai_api import (APIError, Params, ServerConfig, field, json_body,
+                                         param_of, parse_params)
+from tpustack.infer.serve_metrics import Metrics
 
 DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 ROLES = ("system", "developer", "user", "assistant", "tool")
-LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerConfig:
-    model_name: str = "tpustack"
-    api_key: str | None = None  # None: no auth; else /v1/* needs `Authorization: Bearer KEY`
-    max_request_bytes: int = 1 << 20  # larger bodies answer 413
-    max_tokens_limit: int = 4096  # the most tokens one choice may ask for (400 beyond)
-    max_n: int = 8
-    default_max_tokens: int = 16  # completions' default, as OpenAI's
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
 
 
 def load_chat_template(path: str) -> tuple[str | None, str, str]:
@@ -86,170 +62,6 @@ def load_chat_template(path: str) -> tuple[str | None, str, str]:
         template = paths.read_bytes(jinja_path).decode("utf-8")
     return template, bos, eos
 
-
-class Metrics:
-    """Prometheus metrics: latency histograms from finished requests, engine state at scrape."""
-
-    def __init__(self, runner: Runner):
-        self.registry = r = CollectorRegistry()
-        hist = lambda name, doc: Histogram(name, doc, registry=r, buckets=LATENCY_BUCKETS)  # noqa: E731
-        self.ttft = hist("tpustack_time_to_first_token_seconds", "arrival to first output token")
-        self.tpot = hist("tpustack_time_per_output_token_seconds", "(last token - first token) / (n_out - 1)")
-        self.itl = hist("tpustack_inter_token_latency_seconds", "time between consecutive output tokens")
-        self.e2e = hist("tpustack_e2e_request_latency_seconds", "arrival to finish")
-        self.requests = Counter("tpustack_requests", "finished engine requests (one per choice)",
-                                ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("tpustack_prompt_tokens", "prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("tpustack_generation_tokens", "output tokens of finished requests",
-                                         registry=r)
-        r.register(_EngineCollector(runner))
-        runner.on_finish = self.finished
-
-    def finished(self, req: Request) -> None:
-        """Called on the engine thread; never raises (it would stop the engine)."""
-        try:
-            self.requests.labels(req.finish_reason or "unknown").inc()
-            self.prompt_tokens.inc(len(req.prompt))
-            self.generation_tokens.inc(len(req.output))
-            times = req.token_times
-            if times:
-                self.ttft.observe(times[0] - req.arrival)
-                for a, b in zip(times, times[1:]):
-                    self.itl.observe(b - a)
-                if len(times) > 1:
-                    self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
-            if req.finish_time is not None:
-                self.e2e.observe(req.finish_time - req.arrival)
-        except Exception:  # noqa: BLE001 - metrics must not take the engine down
-            pass
-
-
-class _EngineCollector:
-    """The engine's state and counters, read when scraped."""
-
-    def __init__(self, runner: Runner):
-        self.runner = runner
-
-    def collect(self):
-        engine = self.runner.engine
-        pool = engine.pool
-        gauges = {"tpustack_requests_running": ("requests in the engine's running batch", len(engine.running)),
-                  "tpustack_requests_waiting": ("requests queued for admission", len(engine.waiting)),
-                  "tpustack_kv_pages_in_use": ("KV cache pages held by requests", pool.in_use()),
-                  "tpustack_kv_pages_total": ("KV cache pages in the pool", pool.capacity),
-                  "tpustack_prefix_cache_hit_rate": ("prefix-cache hits / full prompt pages looked up",
-                                                     pool.stats.hit_rate)}
-        for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=value)
-        counters = {"tpustack_preemptions": ("requests preempted (recomputed later)", engine.stats.preemptions),
-                    "tpustack_engine_steps": ("engine steps run", engine.stats.steps),
-                    "tpustack_prefix_cache_queries": ("full prompt pages looked up", pool.stats.prefix_queries),
-                    "tpustack_prefix_cache_hits": ("of those, found in the cache", pool.stats.prefix_hits)}
-        for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(name, doc, value=value)
-
-
-# ---- request parsing ------------------------------------------------------------------
-
-def _field(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-                             list: "an array", dict: "an object"}[k] for k in kinds)
-        raise APIError(400, f"{name}: expected {names}, got {json.dumps(value)[:40]}", name)
-    return value
-
-
-def _range(name: str, value, lo, hi, why: str = "") -> None:
-    if not lo <= value <= hi:
-        raise APIError(400, f"{name} {value}: must be in [{lo}, {hi}]{why}", name)
-
-
-@dataclasses.dataclass
-class Params:
-    max_tokens: int
-    sampling: list[SamplingParams]  # one per choice
-    stop: tuple[str, ...]
-    logprobs: int | None
-    stream: bool
-    include_usage: bool
-
-
-def _params(body: dict, scfg: ServerConfig, prompt_len: int, context: int, max_top: int, chat: bool) -> Params:
-    room = max(context - prompt_len, 1)
-    if chat:
-        max_tokens = _field(body, "max_completion_tokens", int) or _field(body, "max_tokens", int)
-        max_tokens = min(room, scfg.max_tokens_limit) if max_tokens is None else max_tokens
-    else:
-        max_tokens = _field(body, "max_tokens", int, scfg.default_max_tokens)
-    _range("max_tokens", max_tokens, 1, scfg.max_tokens_limit, " (this server's limit)")
-    temperature = _field(body, "temperature", (int, float), 1.0)
-    _range("temperature", temperature, 0, 2)
-    top_p = _field(body, "top_p", (int, float), 1.0)
-    if not 0 < top_p <= 1:
-        raise APIError(400, f"top_p {top_p}: must be in (0, 1]", "top_p")
-    top_k = _field(body, "top_k", int, 0)
-    if top_k < -1:
-        raise APIError(400, f"top_k {top_k}: must be >= 0 (0 or -1: off)", "top_k")
-    n = _field(body, "n", int, 1)
-    _range("n", n, 1, scfg.max_n)
-    seed = _field(body, "seed", int)
-    if seed is None:
-        seed = secrets.randbits(31)
-    stop = _field(body, "stop", (str, list), ())
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "stop: at most 4 non-empty strings", "stop")
-    if chat:
-        top = _field(body, "top_logprobs", int)
-        logprobs = (top or 0) if _field(body, "logprobs", bool, False) else None
-        if top is not None and logprobs is None:
-            raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
-        name = "top_logprobs"
-    else:
-        logprobs, name = _field(body, "logprobs", int), "logprobs"
-    if logprobs is not None:
-        _range(name, logprobs, 0, max_top, " (this server's max_top_logprobs)")
-    stream = _field(body, "stream", bool, False)
-    options = _field(body, "stream_options", dict, {})
-    include_usage = _field(options, "include_usage", bool, False)
-    sampling = [SamplingParams(float(temperature), max(top_k, 0), float(top_p), (seed + i) & 0xFFFFFFFF)
-                for i in range(n)]
-    return Params(max_tokens, sampling, stop, logprobs, stream, include_usage)
-
-
-async def _json_body(request: HTTPRequest, limit: int) -> dict:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"request body: {length} bytes is over this server's {limit}", None)
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise APIError(413, f"request body: over this server's {limit} bytes", None)
-    try:
-        body = json.loads(data)
-    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep for the parser
-        raise APIError(400, f"request body: not valid JSON ({e})", None) from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body: expected a JSON object", None)
-    return body
-
-
-FIELDS = ("prompt", "messages", "max_tokens", "logprobs", "top_logprobs", "temperature", "top_k", "top_p",
-          "seed", "stop", "n")
-
-
-def _param_of(message: str) -> str | None:
-    """The field a UserError's message starts with ("max_tokens 9: ...", "prompt: ...")."""
-    word = message.split(" ", 1)[0].rstrip(":")
-    return word if word in FIELDS else None
-
-
-# ---- serving ----------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class _Choice:
@@ -317,7 +129,7 @@ class Server:
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
         if chat:
-            messages = _field(body, "messages", list)
+            messages = field(body, "messages", list)
             if not messages:
                 raise APIError(400, "messages: give at least one message", "messages")
             clean = []
@@ -350,14 +162,14 @@ class Server:
                        "prompt")
 
     async def handle(self, request: HTTPRequest, chat: bool) -> Response:
-        body = await _json_body(request, self.scfg.max_request_bytes)
-        model = _field(body, "model", str, self.scfg.model_name)
+        body = await json_body(request, self.scfg.max_request_bytes)
+        model = field(body, "model", str, self.scfg.model_name)
         if model != self.scfg.model_name:
             raise APIError(404, f"model {model!r}: this server serves {self.scfg.model_name!r}", "model",
                            code="model_not_found")
         ids = self.prompt_ids(body, chat)
         engine = self.runner.engine
-        p = _params(body, self.scfg, len(ids), engine.cfg.max_seq_len, engine.ecfg.max_top_logprobs, chat)
+        p = parse_params(body, self.scfg, len(ids), engine.cfg.max_seq_len, engine.ecfg.max_top_logprobs, chat)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         handles = []
 
@@ -379,7 +191,7 @@ class Server:
             watcher.cancel()
             if self.runner.error is not None or "shutting down" in str(e):
                 raise APIError(503, str(e), None, kind="server_error") from None
-            raise APIError(400, str(e), _param_of(str(e))) from None
+            raise APIError(400, str(e), param_of(str(e))) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if p.stream:
             return StreamingResponse(self._stream(rid, ids, p, chat, events, handles, watcher),
