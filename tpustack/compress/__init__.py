@@ -1,0 +1,1 @@
+"""Compression: quantization (int8, RTN, GPTQ, AWQ, NF4), pruning, LoRA/QLoRA."""
