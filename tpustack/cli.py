@@ -20,6 +20,7 @@ import os
 import sys
 
 from tpustack.cli_parser import build_parser
+from tpustack.commands import command_modules
 from tpustack.errors import UserError
 from tpustack.platforms import choose_platform
 
@@ -169,7 +170,7 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from tpustack.export import export
 
-    for path in export(args.checkpoint, args.format, args.out):
+    for path in export(args.checkpoint, args.format, args.out, args.type):
         print(path)
     return 0
 
@@ -342,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "export":
             return cmd_export(args)
-        return cmd_generate(args)  # generate, or its alias sample
+        if args.command in ("generate", "sample"):
+            return cmd_generate(args)
+        return command_modules()[args.command].run(args)  # tpustack/commands/*.py
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

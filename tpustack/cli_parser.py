@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from tpustack.commands import command_modules
 from tpustack.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     _training_commands(sub)
     _weights_commands(sub)
     _measuring_commands(sub)
+    for name, module in command_modules().items():  # tpustack/commands/*.py
+        module.add_arguments(sub.add_parser(name, help=module.HELP))
     return parser
 
 
@@ -62,8 +65,10 @@ def _weights_commands(sub) -> None:
     exp = sub.add_parser("export", help="write a checkpoint's weights in another format (hf: a Hugging Face "
                                         "directory transformers loads)")
     exp.add_argument("--checkpoint", required=True, help="a tpustack workdir or a Hugging Face directory")
-    exp.add_argument("--format", required=True, help="hf")
-    exp.add_argument("--out", required=True, help="a new directory, local or gs://")
+    exp.add_argument("--format", required=True, help="hf | the formats in tpustack.export.EXPORTERS")
+    exp.add_argument("--type", default=None, help="the tensor type where the format has several (gguf: "
+                     "f32 | f16 | q8_0 | q4_0 | q4_k)")
+    exp.add_argument("--out", required=True, help="a new directory (a file for gguf), local or gs://")
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: continuous batching over a paged KV "
                                        "cache (/v1/completions, /v1/chat/completions, /metrics)")
     srv.add_argument("--checkpoint", required=True, help="a tpustack workdir or a Hugging Face directory")

@@ -19,8 +19,10 @@ from tpustack.interop.hf import save_hf_checkpoint
 from tpustack.weights import Weights, load_weights
 
 
-def export_hf(weights: Weights, out: str) -> list[str]:
+def export_hf(weights: Weights, out: str, tensor_type: str | None = None) -> list[str]:
     """A Hugging Face Llama directory: config.json, model.safetensors[, tokenizer.json]."""
+    if tensor_type not in (None, "f32"):
+        raise UserError(f"--type {tensor_type!r}: the hf format writes f32")
     save_hf_checkpoint(out, weights.params, weights.cfg)
     written = [paths.join(out, "config.json"), paths.join(out, "model.safetensors")]
     if isinstance(weights.tokenizer, HFTokenizer):  # the byte tokenizer has no file
@@ -29,13 +31,14 @@ def export_hf(weights: Weights, out: str) -> list[str]:
     return written
 
 
-EXPORTERS: dict[str, Callable[[Weights, str], list[str]]] = {"hf": export_hf}
+# format -> exporter(weights, out, tensor_type or None) -> the paths it wrote
+EXPORTERS: dict[str, Callable[[Weights, str, str | None], list[str]]] = {"hf": export_hf}
 
 
-def export(checkpoint: str, fmt: str, out: str) -> list[str]:
+def export(checkpoint: str, fmt: str, out: str, tensor_type: str | None = None) -> list[str]:
     """Export `checkpoint` (a workdir or HF directory) as `fmt` into the new directory `out`."""
     if fmt not in EXPORTERS:
         raise UserError(f"--format {fmt!r}: one of {', '.join(EXPORTERS)}")
     if paths.isfile(out) or (paths.isdir(out) and paths.find(out)):
         raise UserError(f"--out {out!r}: exists and is not empty; pass a new directory")
-    return EXPORTERS[fmt](load_weights(checkpoint), out)
+    return EXPORTERS[fmt](load_weights(checkpoint), out, tensor_type)
