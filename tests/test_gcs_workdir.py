@@ -67,15 +67,6 @@ def assert_same_params(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """The CLI processes here compile the same few programs: they share a persistent
-    compilation cache (a run takes a third of the time on 2 cores)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The straight local run to STEPS: (workdir, params)."""
