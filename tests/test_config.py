@@ -91,6 +91,7 @@ BAD_VALUES = [
     ("model.init_std", "0"), ("model.param_dtype", "bfloat16"), ("model.dtype", "float64"),
     ("model.scan_layers", "2"), ("model.remat_policy", "everything"), ("model.attention_impl", "flash"),
     ("model.weight_quant", "int3"), ("model.matmul_impl", "cuda"),
+    ("model.lora_rank", "-1"), ("model.lora_alpha", "0"), ("model.lora_targets", "q,lm_head"),
     ("mesh.data", "0"), ("mesh.stage", "-3"), ("mesh.fsdp", "-2"), ("mesh.tensor", "0"), ("mesh.dcn_data", "0"),
     ("mesh.dcn_stage", "-1"), ("mesh.dcn_fsdp", "0"), ("mesh.dcn_tensor", "0"),
     ("parallel.zero_stage", "4"), ("parallel.microbatches", "0"), ("parallel.pipeline_repeats", "0"),

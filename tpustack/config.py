@@ -65,6 +65,9 @@ class ModelConfig:
     attention_impl: str = "xla"  # xla (einsum) | cudnn | pallas (tpustack.kernels) | auto (pallas on TPU/GPU)
     weight_quant: str = "none"  # none | int8 | int4: weight-only quantized matmuls (serving)
     matmul_impl: str = "auto"  # impl= of the quantized matmul kernels: auto | pallas | xla | reference
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank on the lora_targets linears (tpustack finetune)
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: str = "q,k,v,o,gate,up,down"  # comma-separated linears that get adapters (QLoRA: all)
 
     @property
     def heads_dim(self) -> int:
@@ -134,7 +137,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "builtin"  # builtin | text | jsonl | bin
+    source: str = "builtin"  # builtin (stdlib .py) | builtin_text (stdlib .txt/.rst/.html) | text | jsonl | bin
     path: str = ""  # file or directory for text/jsonl/bin; a glob is allowed
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     bin_dtype: str = "uint16"  # dtype of pre-tokenized .bin files

@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # train.precision -> the compute dtype of matmuls and activations; master weights stay float32
 COMPUTE_DTYPE = {"f32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PRECISIONS = tuple(COMPUTE_DTYPE)
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the linears model.lora_targets may name
 
 
 _INT_LIMIT = 2**31 - 1
@@ -74,6 +75,9 @@ FIELD_CHECKS: dict[str, Check | None] = {
     "model.attention_impl": _one_of("xla", "cudnn", "pallas", "auto"),
     "model.weight_quant": _one_of("none", "int8", "int4"),
     "model.matmul_impl": _one_of("auto", "pallas", "xla", "reference"),
+    "model.lora_rank": _at_least(0, "; 0: no adapters"), "model.lora_alpha": _above(0),
+    "model.lora_targets": Check(lambda v: bool(v) and set(v.split(",")) <= set(LORA_TARGETS),
+                                f"{{v!r}}: comma-separated names from {','.join(LORA_TARGETS)}"),
     "mesh.data": _MESH_AXIS, "mesh.stage": _MESH_AXIS, "mesh.fsdp": _MESH_AXIS, "mesh.tensor": _MESH_AXIS,
     "mesh.dcn_data": _DCN_AXIS, "mesh.dcn_stage": _DCN_AXIS, "mesh.dcn_fsdp": _DCN_AXIS,
     "mesh.dcn_tensor": _DCN_AXIS,
@@ -93,7 +97,7 @@ FIELD_CHECKS: dict[str, Check | None] = {
                                        "disables the periodic evals)"),
     "train.time_limit_s": _at_least(0, "; 0: no limit"), "train.samples": _at_least(0, "; 0: none"),
     "train.sample_len": _ONE,
-    "data.source": _one_of("builtin", "text", "jsonl", "bin"), "data.path": None,
+    "data.source": _one_of("builtin", "builtin_text", "text", "jsonl", "bin"), "data.path": None,
     "data.tokenizer": Check(bool, "must be 'byte' or a path to a Hugging Face tokenizer.json, got {v!r}"),
     "data.bin_dtype": _one_of("uint16", "uint32"), "data.max_bytes": _ONE,
     "data.heldout_fraction": _within(0, 0.5, open_lo=True, open_hi=True),
@@ -164,7 +168,7 @@ def check_relations(config) -> None:
          f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; shorten it or raise model.max_seq_len")
     _need(t.batch_size % t.grad_accum == 0, "train.grad_accum",
          f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
-    _need(d.source == "builtin" or bool(d.path), "data.path", f"data.source={d.source!r} needs a path")
+    _need(d.source.startswith("builtin") or bool(d.path), "data.path", f"data.source={d.source!r} needs a path")
     p, mesh = config.parallel, config.mesh
     if mesh.stage * mesh.dcn_stage > 1:
         stages = mesh.stage * mesh.dcn_stage

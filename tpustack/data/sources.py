@@ -38,6 +38,23 @@ def builtin_documents() -> Iterator[tuple[str, str]]:
             yield os.path.relpath(path, root), f.read()
 
 
+# Text of another kind than the built-in corpus, for fine-tuning on data the base never saw
+# (tpustack finetune): the stdlib's prose, docs and data files, tests and site-packages included.
+_BUILTIN_TEXT_SUFFIXES = (".txt", ".rst", ".html")
+
+
+def builtin_text_documents() -> Iterator[tuple[str, str]]:
+    """(name, text) of every stdlib .txt/.rst/.html file outside site-packages (no .py), sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):  # the local stdlib, never a user path
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files += [os.path.join(dirpath, f) for f in filenames if f.endswith(_BUILTIN_TEXT_SUFFIXES)]
+    for path in sorted(files):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield os.path.relpath(path, root), f.read()
+
+
 _MAGIC = re.compile(r"[*?[]")
 
 
@@ -85,8 +102,9 @@ def load_tokens(cfg: DataConfig, tokenizer) -> dict[str, np.ndarray]:
     """{"train": tokens, "heldout": tokens}: flat integer arrays (a .bin: np.memmap, or RangeTokens on gs://)."""
     if cfg.source == "bin":
         return _bin_tokens(cfg)
-    documents = {"builtin": builtin_documents, "text": text_documents, "jsonl": jsonl_documents}
-    docs = documents[cfg.source]() if cfg.source == "builtin" else documents[cfg.source](cfg)
+    documents = {"builtin": builtin_documents, "builtin_text": builtin_text_documents, "text": text_documents,
+                 "jsonl": jsonl_documents}
+    docs = documents[cfg.source]() if cfg.source.startswith("builtin") else documents[cfg.source](cfg)
     splits: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}
     total = 0
     eos = getattr(tokenizer, "eos_id", None)

@@ -61,12 +61,32 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
 def linear(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
            names: tuple[str, ...], cfg: ModelConfig, std: float | None = None) -> jax.Array:
-    """x [..., *in] @ W[*in, *out]: a float parameter, or weight-only int8/int4 (model.weight_quant)."""
+    """x [..., *in] @ W[*in, *out]: a float parameter, or weight-only int8/int4 (model.weight_quant),
+    plus a LoRA update when model.lora_rank > 0 and `name` is one of model.lora_targets."""
+    flat_names = (names[0], names[len(in_shape)])  # [K, N]: the leading name of each side
     if cfg.weight_quant == "none":
         w = param(module, name, (*in_shape, *out_shape), names, cfg, std=std)
-        return dense(x, w, contract=len(in_shape))
-    flat_names = (names[0], names[len(in_shape)])  # [K, N]: the leading name of each side
-    return quantized_dense(module, name, x, in_shape, out_shape, flat_names, cfg)
+        y = dense(x, w, contract=len(in_shape))
+    else:
+        y = quantized_dense(module, name, x, in_shape, out_shape, flat_names, cfg)
+    if cfg.lora_rank and name in cfg.lora_targets.split(","):
+        y = y + lora_delta(module, name, x, in_shape, out_shape, flat_names, cfg)
+    return y
+
+
+def lora_delta(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+               names: tuple[str | None, str | None], cfg: ModelConfig) -> jax.Array:
+    """(alpha / r) (x A) B, LoRA's low-rank update of W (model.lora_rank r > 0): `<name>_lora_a`
+    [K, r] drawn like peft's (uniform, bound 1/sqrt(K)), `<name>_lora_b` [r, N] zero, so it starts at 0."""
+    k, n, r = math.prod(in_shape), math.prod(out_shape), cfg.lora_rank
+    uniform = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # bound sqrt(3 / 3K)
+    a_KR = module.param(f"{name}_lora_a", nn.with_logical_partitioning(uniform, (names[0], None)), (k, r),
+                        dtype_of(cfg.param_dtype)).astype(dtype_of(cfg.dtype))
+    b_RN = module.param(f"{name}_lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, names[1])),
+                        (r, n), dtype_of(cfg.param_dtype)).astype(dtype_of(cfg.dtype))
+    lead = x.shape[: x.ndim - len(in_shape)]
+    y_MN = (x.reshape(-1, k) @ a_KR) @ b_RN * (cfg.lora_alpha / r)
+    return y_MN.reshape(*lead, *out_shape).astype(x.dtype)
 
 
 def use_kernels(cfg: ModelConfig) -> str | None:
