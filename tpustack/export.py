@@ -31,8 +31,18 @@ def export_hf(weights: Weights, out: str, tensor_type: str | None = None) -> lis
     return written
 
 
+def export_gguf(weights: Weights, out: str, tensor_type: str | None = None) -> list[str]:
+    """One GGUF file `out` that llama.cpp runs: f32 (default) | f16 | q8_0 | q4_0 | q4_k, tokenizer inside."""
+    try:  # gguf is an optional extra
+        from tpustack.interop.gguf import write_gguf
+    except ImportError as e:
+        raise UserError(f"--format gguf: needs {e.name}; pip install 'tpustack[gguf]'") from None
+    write_gguf(out, weights.params, weights.cfg, weights.tokenizer, tensor_type or "f32")
+    return [out]
+
+
 # format -> exporter(weights, out, tensor_type or None) -> the paths it wrote
-EXPORTERS: dict[str, Callable[[Weights, str, str | None], list[str]]] = {"hf": export_hf}
+EXPORTERS: dict[str, Callable[[Weights, str, str | None], list[str]]] = {"hf": export_hf, "gguf": export_gguf}
 
 
 def export(checkpoint: str, fmt: str, out: str, tensor_type: str | None = None) -> list[str]:

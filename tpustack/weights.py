@@ -36,16 +36,16 @@ class Weights(NamedTuple):
 
 
 def weights_kind(path: str) -> str:
-    """'workdir' (WORKDIR/checkpoints) or 'hf' (config.json + *.safetensors); else a UserError."""
+    """'workdir' (WORKDIR/checkpoints), 'hf' (config.json + *.safetensors) or 'gguf' (a .gguf file);
+    else a UserError."""
+    if path.endswith(".gguf") and paths.isfile(path):
+        return "gguf"
     if paths.isdir(checkpoint_dir(path)):
         return "workdir"
     if paths.isfile(paths.join(path, "config.json")):
         return "hf"
-    if path.endswith(".gguf"):
-        raise UserError(f"--checkpoint {path!r}: GGUF import is not supported yet; convert it to a Hugging "
-                        f"Face directory first")
-    raise UserError(f"--checkpoint {path!r}: neither a tpustack workdir (with checkpoints/) nor a "
-                    f"Hugging Face directory (with config.json)")
+    raise UserError(f"--checkpoint {path!r}: neither a tpustack workdir (with checkpoints/), a Hugging Face "
+                    f"directory (with config.json) nor a .gguf file")
 
 
 def _shardings(cfg: ModelConfig, mesh: Mesh | None, rules: str) -> Any:
@@ -75,9 +75,21 @@ def _unroll(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     return params, cfg
 
 
+def _read_gguf(path: str) -> tuple[ModelConfig, dict, Any]:
+    """A GGUF file through tpustack.interop.gguf, imported here as `gguf` is an optional extra."""
+    try:
+        from tpustack.interop.gguf import read_gguf
+    except ImportError as e:
+        raise UserError(f"--checkpoint {path!r}: reading GGUF needs {e.name}; pip install 'tpustack[gguf]'") from None
+    cfg, params, tokenizer, _ = read_gguf(path)
+    return cfg, params, tokenizer
+
+
 def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") -> Weights:
-    """(ModelConfig, params, tokenizer) of a workdir's latest checkpoint or an HF directory."""
-    if weights_kind(path) == "workdir":
+    """(ModelConfig, params, tokenizer) of a workdir's latest checkpoint, an HF directory or a GGUF file
+    (dequantized to f32)."""
+    kind = weights_kind(path)
+    if kind == "workdir":
         ckpt = Checkpointer(path, read_only=True)
         try:
             config = ckpt.config()
@@ -86,11 +98,14 @@ def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") ->
             ckpt.close()
         params, cfg = _unroll(params, config.model)
         return Weights(cfg, params, load_tokenizer(config.data.tokenizer))
-    cfg, host_params = load_hf_checkpoint(path)
+    if kind == "gguf":
+        cfg, host_params, tokenizer = _read_gguf(path)
+    else:
+        cfg, host_params = load_hf_checkpoint(path)
+        tokenizer = load_tokenizer(path) if paths.isfile(paths.join(path, "tokenizer.json")) else None
     cfg = dataclasses.replace(cfg, scan_layers=False)
     params = jax.device_put(host_params, _shardings(cfg, mesh, rules))
     del host_params
-    tokenizer = load_tokenizer(path) if paths.isfile(paths.join(path, "tokenizer.json")) else None
     return Weights(cfg, params, tokenizer)
 
 
