@@ -179,12 +179,17 @@ def test_export_hf_from_a_workdir_gives_its_logits_and_tokenizer(tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     exported = tpustack("export", "--checkpoint", workdir, "--format", "hf", "--out", out)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert exported.stdout.split() == [os.path.join(out, f) for f in ("config.json", "model.safetensors",
-                                                                      "tokenizer.json")]
+    assert exported.stdout.split() == [os.path.join(out, f) for f in (
+        "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja")]  # the tokenizer came without a config or template: both are written
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
     (cfg_a, params_a, tok_a), (cfg_b, params_b, tok_b) = load_weights(workdir), load_weights(out)
     assert cfg_a == cfg_b
     ids = tok_a.encode("def f7(x):\n    return x + 7\n")
+    from transformers import AutoTokenizer
+    auto = AutoTokenizer.from_pretrained(out)  # from the written tokenizer_config.json and template
+    assert auto("def f7(x):\n    return x + 7\n", add_special_tokens=False)["input_ids"] == ids.tolist()
+    assert auto.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|user|>\nhi\n"
     np.testing.assert_array_equal(tok_b.encode("def f7(x):\n    return x + 7\n"), ids)
     tokens = jnp.asarray(np.stack([ids, ids[::-1]]))
     logits_a, logits_b = (Decoder(cfg_a).apply({"params": p}, tokens) for p in (params_a, params_b))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from tokenizers import Tokenizer
 
 from text_samples import sample_strings
@@ -35,3 +37,92 @@ def test_byte_tokenizer_json_encodes_and_decodes_as_the_byte_tokenizer(tmp_path)
             assert bare.encode(text).ids == ids, text
     # special ids decode to nothing, as ByteTokenizer.decode drops them
     assert auto.decode([256, 104, 105, 257], skip_special_tokens=True) == "hi" == ours.decode([256, 104, 105, 257])
+
+
+def _noisy_weights(tokenizer, vocab: int = 384, seed: int = 0):
+    """A tiny Weights with every param (norms included) random, so a swapped tensor shows."""
+    import jax
+
+    from tpustack.config import ModelConfig
+    from tpustack.weights import Weights, init_weights
+
+    cfg = ModelConfig(vocab_size=vocab, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
+                      max_seq_len=64)
+    weights = init_weights(cfg, seed=seed)
+    rng = np.random.default_rng(seed)
+    noisy = jax.tree_util.tree_map_with_path(
+        lambda path, x: (1.0 if "scale" in str(path[-1]) else 0.0) + 0.15 * rng.standard_normal(x.shape),
+        weights.params)
+    return Weights(weights.cfg, jax.tree.map(lambda x: np.asarray(x, np.float32), noisy), tokenizer)
+
+
+def test_hf_export_of_the_byte_model_loads_in_transformers_with_its_logits_tokenizer_and_template(tmp_path):
+    import jax.numpy as jnp
+    import torch
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from tpustack.data.chat import DEFAULT_CHAT_TEMPLATE
+    from tpustack.export import export_hf
+    from tpustack.model import Decoder
+
+    weights, out = _noisy_weights(ByteTokenizer()), str(tmp_path / "hf")
+    written = export_hf(weights, out)
+    assert [p.rsplit("/", 1)[1] for p in written] == ["config.json", "model.safetensors", "generation_config.json",
+                                                      "tokenizer.json", "tokenizer_config.json"]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = np.stack([ByteTokenizer().encode("def f(x):\n    return 'é🎉' * x\n")[:24]] * 2)
+    ids[1] = ids[1, ::-1]
+    ours = np.asarray(Decoder(weights.cfg).apply({"params": weights.params}, jnp.asarray(ids)))
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    assert np.abs(ours).max() > 1.0  # logits far from uniform: a wrong tensor would show
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    generation = GenerationConfig.from_pretrained(out)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.max_length) == (256, 257, 64)
+    for text in sample_strings(1000, seed=1):
+        assert tok(text)["input_ids"] == ByteTokenizer().encode(text).tolist(), text
+    # the chat template is the server's default, rendered the same way by transformers
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo 👋"}]
+    server_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    prompt = server_env.from_string(DEFAULT_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+    assert prompt.endswith("<|assistant|>\n") and "<|user|>\nhéllo 👋\n" in prompt
+    chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert list(chat_ids) == ByteTokenizer().encode(prompt).tolist()
+
+
+def test_hf_export_copies_an_hf_tokenizer_with_its_config_and_template_as_they_came(tmp_path):
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from tpustack.data import load_tokenizer
+    from tpustack.export import export_hf
+    from tpustack.weights import load_weights
+
+    source = tmp_path / "tok"
+    source.mkdir()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([f"def f{i}(x):\n    return x + {i}\n" for i in range(200)], trainer)
+    bpe.save(str(source / "tokenizer.json"))
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    (source / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+         "chat_template": template, "model_max_length": 99}))
+    weights = _noisy_weights(load_tokenizer(str(source)), vocab=300)
+    out = tmp_path / "hf"
+    written = export_hf(weights, str(out))
+    assert [p.rsplit("/", 1)[1] for p in written][3:] == ["tokenizer.json", "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi</s>"
+    for text in sample_strings(200, seed=2):
+        assert tok(text, add_special_tokens=False)["input_ids"] == weights.tokenizer.encode(text).tolist(), text
+    config = json.loads((out / "generation_config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    assert load_weights(str(out)).tokenizer.encode("def f3(x)").tolist() == weights.tokenizer.encode("def f3(x)").tolist()

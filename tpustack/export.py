@@ -3,9 +3,11 @@
     tpustack export --checkpoint WORKDIR --format hf --out DIR      (DIR local or gs://)
 
 One function per format, registered in EXPORTERS: each takes the loaded Weights and an
-output directory and returns the files it wrote. `hf` writes config.json, model.safetensors
-and, when the checkpoint was trained with a Hugging Face tokenizer, its tokenizer.json
-(transformers' from_pretrained loads the directory; so does load_weights).
+output directory and returns the files it wrote. `hf` writes config.json, model.safetensors,
+generation_config.json, the tokenizer (the byte tokenizer as a tokenizer.json, an HF one as
+it came) and its chat template (the tokenizer's own, else the default `tpustack serve`
+uses): transformers' from_pretrained and AutoTokenizer load the directory; so does
+load_weights.
 """
 
 from __future__ import annotations
@@ -13,22 +15,24 @@ from __future__ import annotations
 from typing import Callable
 
 from tpustack import paths
-from tpustack.data import HFTokenizer
 from tpustack.errors import UserError
 from tpustack.interop.hf import save_hf_checkpoint
+from tpustack.interop.tokenizer_json import write_tokenizer_files
 from tpustack.weights import Weights, load_weights
 
 
 def export_hf(weights: Weights, out: str, tensor_type: str | None = None) -> list[str]:
-    """A Hugging Face Llama directory: config.json, model.safetensors[, tokenizer.json]."""
+    """A Hugging Face Llama directory: config.json, model.safetensors, generation_config.json,
+    the tokenizer files and the chat template (see write_tokenizer_files)."""
     if tensor_type not in (None, "f32"):
         raise UserError(f"--type {tensor_type!r}: the hf format writes f32")
-    save_hf_checkpoint(out, weights.params, weights.cfg)
+    tok = weights.tokenizer
+    bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (None, None)
+    save_hf_checkpoint(out, weights.params, weights.cfg, bos, eos)
     written = [paths.join(out, "config.json"), paths.join(out, "model.safetensors")]
-    if isinstance(weights.tokenizer, HFTokenizer):  # the byte tokenizer has no file
-        written.append(paths.join(out, "tokenizer.json"))
-        paths.write_bytes(written[-1], paths.read_bytes(weights.tokenizer.path))
-    return written
+    if tok is not None:
+        written.append(paths.join(out, "generation_config.json"))
+    return written + write_tokenizer_files(tok, out, weights.cfg.max_seq_len)
 
 
 def export_gguf(weights: Weights, out: str, tensor_type: str | None = None) -> list[str]:

@@ -34,33 +34,14 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tpustack import paths
+from tpustack.data.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template  # noqa: F401 (re-exported)
 from tpustack.errors import UserError
 from tpustack.infer.runner import Runner
 from tpustack.infer.openai_api import (APIError, Params, ServerConfig, field, json_body,
                                          param_of, parse_params)
 from tpustack.infer.serve_metrics import Metrics
 
-DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-def load_chat_template(path: str) -> tuple[str | None, str, str]:
-    """(chat template or None, bos token text, eos token text) of a Hugging Face directory."""
-    template, bos, eos = None, "", ""
-    cfg_path = paths.join(path, "tokenizer_config.json")
-    if paths.isfile(cfg_path):
-        cfg = json.loads(paths.read_bytes(cfg_path))
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        text = lambda t: t.get("content", "") if isinstance(t, dict) else (t or "")  # noqa: E731
-        bos, eos = text(cfg.get("bos_token")), text(cfg.get("eos_token"))
-    jinja_path = paths.join(path, "chat_template.jinja")
-    if template is None and paths.isfile(jinja_path):
-        template = paths.read_bytes(jinja_path).decode("utf-8")
-    return template, bos, eos
 
 
 @dataclasses.dataclass

@@ -255,10 +255,19 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def save_hf_checkpoint(path: str, params: dict, cfg: ModelConfig) -> None:
-    """Write config.json and model.safetensors that transformers' from_pretrained loads."""
+def save_hf_checkpoint(path: str, params: dict, cfg: ModelConfig, bos_id: int | None = None,
+                       eos_id: int | None = None) -> None:
+    """Write config.json and model.safetensors that transformers' from_pretrained loads, and
+    generation_config.json when the token ids are known."""
     paths.makedirs(path)
-    paths.write_text(paths.join(path, "config.json"), json.dumps(hf_config_from(cfg), indent=2))
+    config = hf_config_from(cfg)
+    if bos_id is not None or eos_id is not None:
+        ids = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+        config.update(ids)
+        # transformers' generate reads these: stop at EOS, at most the trained context.
+        generation = {**ids, "pad_token_id": eos_id, "max_length": cfg.max_seq_len}
+        paths.write_text(paths.join(path, "generation_config.json"), json.dumps(generation, indent=2))
+    paths.write_text(paths.join(path, "config.json"), json.dumps(config, indent=2))
     state, file = params_to_hf_state(params, cfg), paths.join(path, "model.safetensors")
     # transformers refuses safetensors files whose metadata lacks a known format.
     if paths.is_remote(file):

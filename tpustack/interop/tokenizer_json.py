@@ -20,9 +20,14 @@ holding "<s>" or "</s>".
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
 
 from tokenizers import Tokenizer
+
+from tpustack import paths
+from tpustack.data import ByteTokenizer, HFTokenizer
+from tpustack.data.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template
 
 BOS, EOS = "<s>", "</s>"
 BOS_ID, EOS_ID = 256, 257
@@ -90,3 +95,44 @@ def byte_tokenizer_config(chat_template: str | None = None, model_max_length: in
     if chat_template is not None:
         config["chat_template"] = chat_template
     return config
+
+
+# What a Hugging Face tokenizer directory may hold beside tokenizer.json; copied as they are.
+_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def write_tokenizer_files(tokenizer: Any, out: str, model_max_length: int) -> list[str]:
+    """The tokenizer files of an HF export into `out`; returns the paths written.
+
+    The byte tokenizer: tokenizer.json and a tokenizer_config.json carrying the default chat
+    template. An HF tokenizer: its tokenizer.json and the companions its directory had, as
+    they came; a tokenizer_config.json is written when it had none, and the default chat
+    template as chat_template.jinja when it had no template of its own."""
+    if isinstance(tokenizer, ByteTokenizer):
+        files = {"tokenizer.json": json.dumps(byte_tokenizer_json(), ensure_ascii=False, indent=1),
+                 "tokenizer_config.json": json.dumps(byte_tokenizer_config(DEFAULT_CHAT_TEMPLATE, model_max_length),
+                                                     indent=2)}
+        for name, text in files.items():
+            paths.write_text(paths.join(out, name), text)
+        return [paths.join(out, name) for name in files]
+    if not isinstance(tokenizer, HFTokenizer):
+        return []  # a checkpoint without a tokenizer exports without one
+    source = posixpath.dirname(tokenizer.path) or "."
+    written, data = [paths.join(out, "tokenizer.json")], paths.read_bytes(tokenizer.path)
+    paths.write_bytes(written[0], data)
+    for name in _TOKENIZER_COMPANIONS:
+        if paths.isfile(paths.join(source, name)):
+            written.append(paths.join(out, name))
+            paths.write_bytes(written[-1], paths.read_bytes(paths.join(source, name)))
+    if not paths.isfile(paths.join(source, "tokenizer_config.json")):
+        hf = Tokenizer.from_str(data.decode("utf-8"))
+        token = lambda i: None if i is None else hf.id_to_token(i)  # noqa: E731
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token(tokenizer.bos_id),
+                  "eos_token": token(tokenizer.eos_id), "clean_up_tokenization_spaces": False,
+                  "model_max_length": model_max_length}
+        written.append(paths.join(out, "tokenizer_config.json"))
+        paths.write_text(written[-1], json.dumps(config, indent=2))
+    if load_chat_template(source)[0] is None:
+        written.append(paths.join(out, "chat_template.jinja"))
+        paths.write_text(written[-1], DEFAULT_CHAT_TEMPLATE)
+    return written
