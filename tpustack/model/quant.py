@@ -7,6 +7,12 @@ o, gate, up, down, lm_head) for its quantized form, stored flat as [K_in, N_out]
 and runs it through tpustack.kernels' quantized matmuls (dequantized inside the kernel,
 so the weights are never expanded in memory). `quantize_params` converts a trained float
 tree; the embedding and norms stay in float.
+
+  nf4: QLoRA's NormalFloat-4 with double quantization (tpustack.compress.nf4) of the
+  [N, K] (torch-layout) weight, bit-equal to bitsandbytes' quantize_4bit: `<name>_nf4_codes`
+  [KN/2] u8, `<name>_nf4_absmax_codes` [KN/64] u8, `<name>_nf4_absmax_scale` [KN/16384] f32,
+  `<name>_nf4_absmax_offset` [1] f32. No kernel takes NF4: it is dequantized on the fly
+  (inside jit, per matmul) and multiplied in x's dtype; gradients flow to x only.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes, quantize_nf4
 from tpustack.kernels import int4_matmul, int8_matmul, quantize_int4, quantize_int8
 
-WEIGHT_QUANT = ("none", "int8", "int4")
+WEIGHT_QUANT = ("none", "int8", "int4", "nf4")
 _MATMUL_WEIGHTS = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
 
 
@@ -29,6 +36,11 @@ def quantized_dense(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[
     """x [..., *in] @ W [*in, *out] with W quantized; `names` are the flat [K, N] logical axes."""
     k, n = math.prod(in_shape), math.prod(out_shape)
     zeros = nn.initializers.zeros
+    lead = x.shape[: x.ndim - len(in_shape)]
+    if cfg.weight_quant == "nf4":
+        w_KN = nf4_weight(module, name, k, n)
+        y = x.reshape(-1, k) @ jax.lax.stop_gradient(w_KN).astype(x.dtype)
+        return y.reshape(*lead, *out_shape).astype(x.dtype)
     if cfg.weight_quant == "int8":
         w = module.param(f"{name}_int8", nn.with_logical_partitioning(zeros, names), (k, n), jnp.int8)
         scale = module.param(f"{name}_scale", nn.with_logical_partitioning(nn.initializers.ones, names[1:]),
@@ -39,15 +51,25 @@ def quantized_dense(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[
         scale = module.param(f"{name}_scale", nn.with_logical_partitioning(nn.initializers.ones, (None, names[1])),
                              (k // 128, n), jnp.float32)
         matmul = int4_matmul
-    lead = x.shape[: x.ndim - len(in_shape)]
     y = matmul(x.reshape(-1, k), w, scale, impl=cfg.matmul_impl)
     return y.reshape(*lead, *out_shape).astype(x.dtype)
 
 
+def nf4_weight(module: nn.Module, name: str, k: int, n: int) -> jax.Array:
+    """The NF4 params of one [K, N] linear (stored as bitsandbytes stores the [N, K] weight), dequantized."""
+    init = {"codes": nn.initializers.zeros, "absmax_codes": nn.initializers.zeros,
+            "absmax_scale": nn.initializers.ones, "absmax_offset": nn.initializers.zeros}
+    dtypes = {"codes": jnp.uint8, "absmax_codes": jnp.uint8, "absmax_scale": jnp.float32,
+              "absmax_offset": jnp.float32}
+    q = {key: module.param(f"{name}_nf4_{key}", nn.with_logical_partitioning(init[key], (None,)), shape, dtypes[key])
+         for key, shape in nf4_shapes(k * n).items()}
+    return dequantize_nf4(q, (n, k)).T
+
+
 def quantize_params(params: dict, mode: str) -> dict:
     """A float param tree (unrolled layers) -> the tree a `weight_quant=mode` Decoder expects."""
-    if mode not in ("int8", "int4"):
-        raise ValueError(f"weight_quant {mode!r} is not int8 or int4")
+    if mode not in ("int8", "int4", "nf4"):
+        raise ValueError(f"weight_quant {mode!r} is not int8, int4 or nf4")
 
     def convert(tree: dict) -> dict:
         out = {}
@@ -61,7 +83,10 @@ def quantize_params(params: dict, mode: str) -> dict:
             w = jnp.asarray(value, jnp.float32)
             contract = 2 if key == "o" else 1  # o is [N, H, D]: (N, H) are the input dims
             w_KN = w.reshape(math.prod(w.shape[:contract]), -1)
-            if mode == "int8":
+            if mode == "nf4":
+                q = quantize_nf4(np.asarray(w_KN).T)  # the [N, K] layout bitsandbytes quantizes
+                out.update({f"{key}_nf4_{part}": jnp.asarray(a) for part, a in q.items()})
+            elif mode == "int8":
                 out[f"{key}_int8"], out[f"{key}_scale"] = quantize_int8(w_KN)
             else:
                 out[f"{key}_int4"], out[f"{key}_scale"] = quantize_int4(w_KN)
