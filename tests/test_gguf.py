@@ -17,6 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from text_samples import sample_strings
 from tpustack.config import ModelConfig
 from tpustack.data import ByteTokenizer, HFTokenizer
+from tpustack.data.chat import DEFAULT_CHAT_TEMPLATE
 from tpustack.interop.gguf import gguf_names, permute_rows, read_gguf, unpermute_rows, write_gguf
 from tpustack.interop.gguf_vocab import LLAMA3_REGEX
 from tpustack.interop.hf import params_to_hf_state, save_hf_checkpoint
@@ -206,7 +207,9 @@ def test_cli_export_gguf_writes_a_file_load_weights_reads_and_refuses_bad_input(
     assert done.returncode == 0, done.stderr
     loaded = load_weights(str(out))
     assert loaded.cfg == CFG and isinstance(loaded.tokenizer, ByteTokenizer)
-    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} == {"Q8_0", "F32"}
+    reader = gguf.GGUFReader(str(out))
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+    assert _field(reader, "tokenizer.chat_template") == DEFAULT_CHAT_TEMPLATE  # as the hf export carries
     bad = _cli("export", "--checkpoint", str(hf), "--format", "gguf", "--type", "q3_x", "--out", str(tmp_path / "b.gguf"))
     assert bad.returncode == 2 and "q3_x" in bad.stderr and "q4_k" in bad.stderr and "Traceback" not in bad.stderr
     from tpustack.errors import UserError

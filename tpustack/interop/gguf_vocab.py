@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 from typing import Any
 
@@ -28,6 +29,7 @@ import gguf
 
 from tpustack import paths
 from tpustack.data import ByteTokenizer, HFTokenizer
+from tpustack.data.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template
 from tpustack.errors import UserError
 from tpustack.interop.tokenizer_json import BOS, BOS_ID, EOS, EOS_ID, byte_symbols
 
@@ -114,6 +116,14 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
         writer.add_eos_token_id(meta["eos"])
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
+
+
+def chat_template_of(tokenizer: Any) -> str | None:
+    """The template an HF export would carry (tpustack.interop.tokenizer_json): an HF tokenizer's own
+    (tokenizer_config.json / chat_template.jinja beside its tokenizer.json), else the server's default."""
+    if isinstance(tokenizer, HFTokenizer):
+        return load_chat_template(posixpath.dirname(tokenizer.path) or ".")[0] or DEFAULT_CHAT_TEMPLATE
+    return DEFAULT_CHAT_TEMPLATE if isinstance(tokenizer, ByteTokenizer) else None
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
