@@ -80,7 +80,7 @@ def test_main_job_smoke_then_eval_and_sample(tmp_path):
     (["sample", "--checkpoint", "/nonexistent", "--prompt-ids", "1"], "--checkpoint '/nonexistent': neither a tpustack workdir"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["serve", "--checkpoint", "/nonexistent"], "--checkpoint '/nonexistent': neither a tpustack workdir"),
-    (["export", "--checkpoint", "/nonexistent", "--format", "gguf", "--out", "x"], "--format 'gguf': one of hf"),
+    (["export", "--checkpoint", "/nonexistent", "--format", "onnx", "--out", "x"], "--format 'onnx': one of hf, gguf, orbax"),
 ])
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
     if args[0] == "train":  # the test's overrides first, so the bad value under test wins

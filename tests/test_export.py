@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from tokenizers import Tokenizer
 
@@ -126,3 +127,93 @@ def test_hf_export_copies_an_hf_tokenizer_with_its_config_and_template_as_they_c
     config = json.loads((out / "generation_config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
     assert load_weights(str(out)).tokenizer.encode("def f3(x)").tolist() == weights.tokenizer.encode("def f3(x)").tolist()
+
+
+# Restores an orbax export with orbax + numpy only and saves what it read to an .npz.
+_PLAIN_ORBAX_RESTORE = """
+import json, sys
+import jax, numpy as np, orbax.checkpoint as ocp
+out, npz = sys.argv[1], sys.argv[2]
+meta = json.load(open(out + "/model_config.json"))
+ckpt = ocp.PyTreeCheckpointer()
+tree = ckpt.metadata(out + "/params").item_metadata.tree
+params = ckpt.restore(out + "/params", restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+flat = {"/".join(k.key for k in path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(params)}
+assert all(type(x) is np.ndarray for x in flat.values())
+assert not any(m == "tpustack" or m.startswith("tpustack.") for m in sys.modules), "tpustack was imported"
+np.savez(npz, **flat)
+print(meta["model"]["weight_quant"], meta["tokenizer"], len(flat))
+"""
+
+
+def _flat(params) -> dict:
+    import jax
+
+    return {"/".join(k.key for k in path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.mark.parametrize("tensor_type", ["f32", "int8"])
+def test_orbax_export_restores_with_plain_orbax_and_numpy_in_a_process_without_tpustack(tmp_path, tensor_type):
+    import os
+    import subprocess
+    import sys
+
+    from tpustack.export import export_orbax
+    from tpustack.model.quant import quantize_params
+
+    weights, out = _noisy_weights(ByteTokenizer()), str(tmp_path / "orbax")
+    written = export_orbax(weights, out, tensor_type)
+    assert [p.rsplit("/", 1)[1] for p in written] == ["params", "model_config.json"]
+    script = tmp_path / "restore.py"
+    script.write_text(_PLAIN_ORBAX_RESTORE)
+    env = {**os.environ, "PYTHONPATH": ""}  # nothing of this repository on the path
+    result = subprocess.run([sys.executable, str(script), out, str(tmp_path / "read.npz")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _flat(weights.params if tensor_type == "f32" else quantize_params(weights.params, tensor_type))
+    assert result.stdout.split()[:2] == [{"f32": "none"}.get(tensor_type, tensor_type), "byte"]
+    read = dict(np.load(tmp_path / "read.npz"))
+    assert sorted(read) == sorted(expected) and len(read) == int(result.stdout.split()[2])
+    for name, value in expected.items():
+        assert read[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(read[name], value, err_msg=name)
+    if tensor_type == "int8":
+        assert read["layer_0/attn/q_int8"].dtype == np.int8 and "layer_0/attn/q" not in read
+
+
+@pytest.mark.parametrize("tensor_type", [None, "int8"])
+def test_orbax_export_from_one_mesh_loads_onto_another_with_the_same_logits(tmp_path, tensor_type):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from tpustack.config import MeshConfig
+    from tpustack.export import export_orbax
+    from tpustack.mesh import make_mesh, param_shardings, rules_for
+    from tpustack.model import Decoder
+    from tpustack.model.quant import quantize_params
+    from tpustack.weights import load_weights, weights_kind
+
+    host = _noisy_weights(ByteTokenizer())
+    written_on = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    on_mesh = jax.device_put(host.params, param_shardings(host.cfg, written_on, rules_for("default")))
+    out = str(tmp_path / "orbax")
+    export_orbax(host._replace(params=on_mesh), out, tensor_type)
+    assert weights_kind(out) == "orbax"
+    read_on = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    loaded = load_weights(out, mesh=read_on)
+    assert loaded.cfg.weight_quant == (tensor_type or "none") and isinstance(loaded.tokenizer, ByteTokenizer)
+    leaves = jax.tree.leaves(loaded.params)
+    assert all(isinstance(x.sharding, NamedSharding) and x.sharding.mesh.shape == read_on.shape for x in leaves)
+    assert any(not x.sharding.is_fully_replicated for x in leaves)
+    ref_params = host.params if tensor_type is None else quantize_params(host.params, tensor_type)
+    ref_cfg = dataclasses.replace(host.cfg, weight_quant=tensor_type or "none")
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 258, (2, 16)), jnp.int32)
+    expected = Decoder(ref_cfg).apply({"params": ref_params}, tokens)
+    got = Decoder(loaded.cfg).apply({"params": loaded.params}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)
+    # the quantized export is the quantized tree as it was, bit for bit
+    for name, value in _flat(ref_params).items():
+        np.testing.assert_array_equal(_flat(loaded.params)[name], value, err_msg=name)

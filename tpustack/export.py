@@ -17,6 +17,7 @@ from typing import Callable
 from tpustack import paths
 from tpustack.errors import UserError
 from tpustack.interop.hf import save_hf_checkpoint
+from tpustack.interop.orbax_export import save_orbax_export
 from tpustack.interop.tokenizer_json import write_tokenizer_files
 from tpustack.weights import Weights, load_weights
 
@@ -48,8 +49,14 @@ def export_gguf(weights: Weights, out: str, tensor_type: str | None = None) -> l
     return [out]
 
 
+def export_orbax(weights: Weights, out: str, tensor_type: str | None = None) -> list[str]:
+    """Params only (f32, int8 or int4; a quantized checkpoint as it is) + model_config.json, plain orbax."""
+    return save_orbax_export(out, weights.params, weights.cfg, weights.tokenizer, tensor_type)
+
+
 # format -> exporter(weights, out, tensor_type or None) -> the paths it wrote
-EXPORTERS: dict[str, Callable[[Weights, str, str | None], list[str]]] = {"hf": export_hf, "gguf": export_gguf}
+EXPORTERS: dict[str, Callable[[Weights, str, str | None], list[str]]] = {"hf": export_hf, "gguf": export_gguf,
+                                                                         "orbax": export_orbax}
 
 
 def export(checkpoint: str, fmt: str, out: str, tensor_type: str | None = None) -> list[str]:

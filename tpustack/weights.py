@@ -25,6 +25,7 @@ from tpustack.config import ModelConfig
 from tpustack.data import load_tokenizer
 from tpustack.errors import UserError
 from tpustack.interop.hf import load_hf_checkpoint
+from tpustack.interop.orbax_export import is_orbax_export, load_orbax_export
 from tpustack.mesh import param_shardings, rules_for
 from tpustack.model import Decoder, abstract_params
 
@@ -36,12 +37,14 @@ class Weights(NamedTuple):
 
 
 def weights_kind(path: str) -> str:
-    """'workdir' (WORKDIR/checkpoints), 'hf' (config.json + *.safetensors) or 'gguf' (a .gguf file);
-    else a UserError."""
+    """'workdir' (WORKDIR/checkpoints), 'orbax' (an orbax serving export), 'hf' (config.json +
+    *.safetensors) or 'gguf' (a .gguf file); else a UserError."""
     if path.endswith(".gguf") and paths.isfile(path):
         return "gguf"
     if paths.isdir(checkpoint_dir(path)):
         return "workdir"
+    if is_orbax_export(path):
+        return "orbax"
     if paths.isfile(paths.join(path, "config.json")):
         return "hf"
     raise UserError(f"--checkpoint {path!r}: neither a tpustack workdir (with checkpoints/), a Hugging Face "
@@ -98,6 +101,8 @@ def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") ->
             ckpt.close()
         params, cfg = _unroll(params, config.model)
         return Weights(cfg, params, load_tokenizer(config.data.tokenizer))
+    if kind == "orbax":  # read straight into the shardings, whatever mesh wrote it
+        return Weights(*load_orbax_export(path, lambda cfg: _shardings(cfg, mesh, rules)))
     if kind == "gguf":
         cfg, host_params, tokenizer = _read_gguf(path)
     else:
