@@ -84,7 +84,7 @@ def recover(config: Config, params: Any, steps: int, lr: float, masks: dict | No
                             precision=config.train.precision)
     config = dataclasses.replace(config, train=t, mesh=MeshConfig(rules=config.mesh.rules))
     trainer = Trainer(config, _one_device_mesh(config))
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    params = jax.tree.map(lambda a: jnp.array(a, jnp.float32), params)  # a copy: the step donates it
     state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=make_optimizer(t).init(params),
                        loss_scale=LossScale.create(t))
     state = jax.device_put(state, trainer.state_shardings)

@@ -80,8 +80,9 @@ def sweep(cfg: ModelConfig, params: dict, tokens_BT: np.ndarray,
     for i in range(cfg.num_layers):
         layer = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params[f"layer_{i}"])
         inputs, _ = _block_inputs(cfg, layer, x_BTD, cos_BTH, sin_BTH)
-        params[f"layer_{i}"] = pruned = prune_block(i, layer, inputs)
-        _, x_BTD = _block_inputs(cfg, jax.tree.map(jnp.asarray, pruned), x_BTD, cos_BTH, sin_BTH)
+        pruned = jax.tree.map(np.asarray, prune_block(i, layer, inputs))
+        params[f"layer_{i}"] = pruned
+        _, x_BTD = _block_inputs(cfg, pruned, x_BTD, cos_BTH, sin_BTH)
         if progress is not None:
             progress(i)
     return params
