@@ -28,6 +28,7 @@ import safetensors.numpy
 from flax import linen as nn
 
 from tpustack import paths
+from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes
 from tpustack.config import Config, ModelConfig
 from tpustack.errors import UserError
 from tpustack.model import Decoder, abstract_params
@@ -146,9 +147,13 @@ def _float_weight(node: dict, name: str, shape: tuple[int, ...]) -> jax.Array:
     """A linear's weight as f32 of `shape`: the float param, or its NF4 arrays expanded."""
     if name in node:
         return jnp.asarray(node[name], jnp.float32)
-    from tpustack.model import quant
-
-    return jnp.asarray(quant.dequantize_weight(node, name, shape), jnp.float32)
+    if f"{name}_nf4_codes" not in node:
+        raise ValueError(f"{name}: neither a float weight nor NF4 arrays ({', '.join(node)})")
+    contract = 2 if name == "o" else 1  # o is [N, H, D]: (N, H) are its input dims
+    k = math.prod(shape[:contract])
+    q = {part: node[f"{name}_nf4_{part}"] for part in nf4_shapes(1)}
+    # model.quant stores NF4 in bitsandbytes' (torch) layout: the [N_out, K_in] weight
+    return dequantize_nf4(q, (math.prod(shape) // k, k)).T.reshape(shape)
 
 
 def merge_adapters(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
