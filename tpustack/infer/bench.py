@@ -13,6 +13,8 @@ import numpy as np
 
 from tpustack.infer.decode import Generator
 from tpustack.infer.sampling import SamplingParams, stack_params
+from tpustack.infer.speculative import SpeculativeGenerator
+from tpustack.weights import load_weights
 
 
 def time_generation(gen: Generator, prompts: list[list[int]], new_tokens: int,
@@ -38,3 +40,15 @@ def time_generation(gen: Generator, prompts: list[list[int]], new_tokens: int,
     if drafted:
         result["acceptance_rate"] = float(np.sum(state.accepted_B)) / drafted
     return result
+
+
+def load_generator(checkpoint: str, draft: str | None = None, k: int = 4, cache_dtype: str = "float32"):
+    """(tokenizer, Generator or SpeculativeGenerator) of a checkpoint, through the one loader."""
+    cfg, params, tokenizer = load_weights(checkpoint)
+    eos = getattr(tokenizer, "eos_id", None)
+    eos = -1 if eos is None else eos
+    if draft is None:
+        return tokenizer, Generator(cfg, params, cache_dtype, eos)
+    d_cfg, d_params, _ = load_weights(draft)
+    return tokenizer, SpeculativeGenerator(cfg, params, cache_dtype, eos, draft_cfg=d_cfg, draft_params=d_params,
+                                           k=k)

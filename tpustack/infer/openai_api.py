@@ -64,12 +64,15 @@ class Params:
 
 def parse_params(body: dict, scfg: ServerConfig, prompt_len: int, context: int, max_top: int, chat: bool) -> Params:
     room = max(context - prompt_len, 1)
+    name = "max_tokens"
     if chat:
-        max_tokens = field(body, "max_completion_tokens", int) or field(body, "max_tokens", int)
+        if body.get("max_completion_tokens") is not None:  # the newer name wins; 0 is refused, not ignored
+            name = "max_completion_tokens"
+        max_tokens = field(body, name, int)
         max_tokens = min(room, scfg.max_tokens_limit) if max_tokens is None else max_tokens
     else:
         max_tokens = field(body, "max_tokens", int, scfg.default_max_tokens)
-    check_range("max_tokens", max_tokens, 1, scfg.max_tokens_limit, " (this server's limit)")
+    check_range(name, max_tokens, 1, scfg.max_tokens_limit, " (this server's limit)")
     temperature = field(body, "temperature", (int, float), 1.0)
     check_range("temperature", temperature, 0, 2)
     top_p = field(body, "top_p", (int, float), 1.0)

@@ -1,0 +1,155 @@
+"""`tpustack bench serve`: one seeded workload through each mode asked for, side by side.
+
+Modes: `engine` (continuous batching in this process) or `server` (--url: a running
+`tpustack serve`, streamed over HTTP), then `static` (pad-to-longest batches of the decode
+loop) and `hf` (transformers' generate) on the same weights. Each mode first runs the
+workload `--warmup` times untimed, so the timed pass compiles nothing (static batches
+report any shape they still compiled). Greedy outputs are compared per request: engine vs
+static must agree on the first token of at least AGREEMENT_FLOOR of the requests (the
+same library on the same weights; later tokens may part at a near-tie), and the share of
+equal outputs and of the common prefix is reported for every pair that has tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+from tpustack import paths
+from tpustack.config import load_config
+from tpustack.errors import UserError
+from tpustack.infer.decode import Generator
+from tpustack.infer.engine import Engine, EngineConfig
+from tpustack.infer.load_drivers import hf_model, run_engine, run_hf, run_http, run_static
+from tpustack.infer.loadgen import agreement, make_workload, render, summarize
+from tpustack.weights import init_weights, load_weights
+
+AGREEMENT_FLOOR = 0.95
+
+
+def machine() -> str:
+    """The CPU model and core count (and the accelerator, if any): figures mean little without it."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    extra = "" if device.platform == "cpu" else f", {device.device_kind}"
+    return f"{cpu} ({os.cpu_count()} cores){extra}"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags a user can get wrong, each named with its fix."""
+    positive = {"--num-prompts": args.num_prompts, "--page-size": args.page_size, "--max-seqs": args.max_seqs,
+                "--static-rounds": args.static_rounds, "--batch": args.batch or 1,
+                "--concurrency": args.concurrency or 1}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
+    if args.warmup < 0 or args.num_pages < 0:
+        raise UserError("--warmup and --num-pages: must be >= 0")
+    if not args.rate > 0:
+        raise UserError(f"--rate {args.rate}: must be > 0 (default: every request at once)")
+    if args.url and (args.static or args.peer) and args.checkpoint is None:
+        raise UserError("--static/--peer with --url: give --checkpoint (the server's weights) so every mode "
+                        "runs the same model")
+    if args.url and args.draft:
+        raise UserError("--draft: applies to the in-process engine; start the server with --draft instead")
+
+
+def engine_config(args: argparse.Namespace, context: int, workload) -> EngineConfig:
+    longest = max(len(p) + m for p, m in zip(workload.prompts, workload.max_tokens))
+    need = -(-(min(longest, context) + (args.speculate_k if args.draft else 0)) // args.page_size)
+    pages = args.num_pages or args.max_seqs * need + 1  # the null page
+    return EngineConfig(page_size=args.page_size, num_pages=pages, max_seqs=args.max_seqs,
+                        token_budget=max(args.token_budget, args.max_seqs), chunk_size=args.chunk_size,
+                        prefix_caching=not args.no_prefix_caching, cache_dtype=args.cache_dtype)
+
+
+def _timed(run, workload, warmup: int, vocab: int):
+    """run(workload) after `warmup` untimed passes over workloads of the same shape (they compile)."""
+    for i in range(warmup):
+        run(workload.with_new_tokens(10_000 + i, vocab))
+    return run(workload)
+
+
+def bench_serve(args: argparse.Namespace) -> int:
+    """Run every mode asked for; print the table; write JSON; exit 3 if engine and static disagree."""
+    check_args(args)
+    weights = load_weights(args.checkpoint) if args.checkpoint else init_weights(load_config(args.config).model)
+    cfg, params = weights.cfg, weights.params
+    workload = make_workload(args.num_prompts, cfg.vocab_size, cfg.max_seq_len, args.seed, args.prompt_len,
+                             args.output_len, args.len_sigma, (args.min_output, args.max_output), args.rate,
+                             args.shared_prefix)
+    batch = args.batch or args.concurrency or args.max_seqs
+    conc = args.concurrency
+    records, extras = {}, {}
+    if args.url:
+        records["server"] = _timed(lambda w: run_http(args.url, w, conc, args.model, args.api_key),
+                                   workload, args.warmup, cfg.vocab_size)
+    else:
+        draft = None
+        if args.draft:
+            d = load_weights(args.draft)
+            draft = (d.cfg, d.params)
+        ecfg = engine_config(args, cfg.max_seq_len, workload)
+        engine = Engine(cfg, params, ecfg, eos_id=-1, draft=draft, k=args.speculate_k)
+        records["engine"], extras["engine"] = _timed(lambda w: run_engine(engine, w, conc), workload,
+                                                     args.warmup, cfg.vocab_size)
+        extras["engine"]["config"] = {k: v for k, v in vars(ecfg).items() if not isinstance(v, tuple)}
+    if args.static:
+        gen = Generator(cfg, params, args.cache_dtype, eos_id=-1)
+        records["static"], extras["static"] = _timed(
+            lambda w: run_static(gen, w, batch, conc, args.static_rounds), workload, args.warmup, cfg.vocab_size)
+    if args.peer == "hf":
+        model = hf_model(cfg, params)
+        records["hf"], extras["hf"] = _timed(lambda w: run_hf(model, w, batch, conc), workload, args.warmup,
+                                             cfg.vocab_size)
+    results = {mode: summarize(recs, args.slo_ttft, args.slo_tpot) for mode, recs in records.items()}
+    first = next(iter(records))
+    agree = {f"{first}_vs_{mode}": agreement(records[first], records[mode]) for mode in list(records)[1:]}
+    report = {"machine": machine(), "weights": args.checkpoint or args.config,
+              "params": cfg.num_params(), "args": {k: (None if v == math.inf else v) for k, v in vars(args).items()},
+              "workload": _describe(workload), "static_batch": batch, "results": results, "extras": extras,
+              "agreement": agree}
+    print(f"{report['machine']}; {cfg.num_params() / 1e6:.1f}M parameters; {len(workload)} requests, "
+          f"{report['workload']['prompt_tokens']} prompt + {report['workload']['output_tokens']} output tokens; "
+          f"{'all at once' if args.rate == math.inf else f'{args.rate}/s Poisson'}, "
+          f"concurrency {conc or 'unbounded'}")
+    for pair, a in agree.items():
+        if a.get("requests"):
+            print(f"greedy agreement {pair}: first token {a['first_token_equal']:.1%}, whole output "
+                  f"{a['all_equal']:.1%}, mean common prefix {a['mean_common_prefix']:.1%}")
+    if "engine" in extras:
+        e = extras["engine"]
+        waste = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+        print(f"engine: {e['steps']} steps, {e['preemptions']} preemptions, KV waste {waste(e['kv_waste_paged'])} "
+              f"(a contiguous max-length cache: {waste(e['kv_waste_contiguous_max_len'])}), prefix-cache hit "
+              f"rate {e['prefix_cache_hit_rate']:.1%}")
+    print(render(results))
+    if args.out:
+        paths.write_text(args.out, json.dumps(report, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
+    pair = agree.get("engine_vs_static")
+    if pair and pair.get("requests") and pair["first_token_equal"] < AGREEMENT_FLOOR:
+        print(f"error: engine and static decode disagree on the first token of "
+              f"{1 - pair['first_token_equal']:.1%} of requests", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _describe(workload) -> dict:
+    prompts = [len(p) for p in workload.prompts]
+    return {"requests": len(workload), "prompt_tokens": sum(prompts), "output_tokens": sum(workload.max_tokens),
+            "prompt_len": {"min": min(prompts), "mean": sum(prompts) / len(prompts), "max": max(prompts)},
+            "output_len": {"min": min(workload.max_tokens), "mean": sum(workload.max_tokens) / len(workload),
+                           "max": max(workload.max_tokens)},
+            "arrival_span_s": workload.arrivals[-1]}
