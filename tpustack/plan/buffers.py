@@ -81,7 +81,11 @@ def buffer_bytes(shape: Sequence[int], bytes_per_elem: float, backend: str = "cp
     that pads least (e.g. f32[384,24]{0,1:T(8,128)}, f32[3,24,6,32]{3,1,2,0:T(8,128)}),
     so that is what is counted. A 1-D array pads to a multiple of 128 (scalars are noise).
     """
-    shape = [int(s) for s in shape]
+    return _buffer_bytes(tuple(int(s) for s in shape), bytes_per_elem, backend)
+
+
+@functools.lru_cache(maxsize=65536)  # --suggest asks for the same shards thousands of times
+def _buffer_bytes(shape: tuple[int, ...], bytes_per_elem: float, backend: str) -> float:
     if backend != "tpu" or not shape:
         return math.prod(shape) * bytes_per_elem
     if len(shape) == 1:

@@ -34,6 +34,7 @@ class Collective:
     group: int  # devices in each replica group
     runs: int  # times per step (loop trip counts)
     op_name: str  # jax's metadata: where in the program it came from
+    asynchronous: bool = False  # a -start/-done pair: the scheduler may run compute under it
 
     @property
     def moved_bytes(self) -> float:
@@ -68,8 +69,8 @@ def _group_size(line: str, kind: str) -> int:
     return 1
 
 
-def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective of a compiled module, with how often it runs per step."""
+def computations(hlo_text: str) -> dict[str, list[str]]:
+    """The module's computations by name, each as its instruction lines."""
     comps: dict[str, list[str]] = {}
     name = None
     for line in hlo_text.splitlines():
@@ -81,8 +82,13 @@ def collectives(hlo_text: str) -> list[Collective]:
             name = None
         elif name is not None:
             comps[name].append(line)
-    # runs per step: a while body runs trip-count times per run of its caller; other called
-    # computations (fusions, reducers, branches) run as often as their caller.
+    return comps
+
+
+def run_counts(comps: dict[str, list[str]]) -> dict[str, int]:
+    """How many times each computation runs per step (while trip counts multiplied down)."""
+    # a while body runs trip-count times per run of its caller; other called computations
+    # (fusions, reducers, branches) run as often as their caller.
     callers: dict[str, list[tuple[str, int]]] = {}
     for comp, lines in comps.items():
         for line in lines:
@@ -112,6 +118,14 @@ def collectives(hlo_text: str) -> list[Collective]:
         memo[comp] = max(runs(c, depth + 1) * t for c, t in callers[comp])
         return memo[comp]
 
+    return {comp: runs(comp) for comp in comps}
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of a compiled module, with how often it runs per step."""
+    comps = computations(hlo_text)
+    counts = run_counts(comps)
+
     out = []
     for comp, lines in comps.items():
         for line in lines:
@@ -124,8 +138,8 @@ def collectives(hlo_text: str) -> list[Collective]:
             size = _array_bytes(result)
             if line.split("=", 1)[1].strip().startswith("(") and f"{kind}-start(" in line:
                 size /= 2
-            out.append(Collective(kind, comp, size, _group_size(line, kind), runs(comp),
-                                  op_name.group(1) if op_name else ""))
+            out.append(Collective(kind, comp, size, _group_size(line, kind), counts[comp],
+                                  op_name.group(1) if op_name else "", f"{kind}-start(" in line))
     return out
 
 

@@ -17,6 +17,7 @@ from jax.experimental import topologies
 
 from tpustack.config import Config
 from tpustack.mesh import make_mesh, mesh_shape
+from tpustack.plan import steptime
 from tpustack.plan.layouts import Row, layout_config, row, topology_estimate
 from tpustack.train.pipeline import pipeline_bubble
 from tpustack.train.step import make_trainer
@@ -69,7 +70,8 @@ def compile_check(config: Config, topology: str) -> dict[str, Any]:
         need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
         return {**report, "fits": False, "compiled": False, "xla_error": str(e).splitlines()[0][:300],
                 "xla_temp_bytes": float(need.group(1)) * 2**30 if need else float("nan")}
-    return {**report, **_xla_figures(compiled, report["hbm_bytes"])}
+    step = steptime.from_hlo(compiled.as_text(), config, topology, len(devices))
+    return {**report, **_xla_figures(compiled, report["hbm_bytes"]), "step_time": step.as_dict()}
 
 
 def _xla_figures(compiled: Any, hbm: float) -> dict[str, Any]:
