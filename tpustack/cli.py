@@ -11,6 +11,8 @@ JAX_PLATFORMS before anything imports jax, and `--help` should not pay for jax.
     tpustack export --checkpoint DIR --format hf --out DIR   (DIR: local or gs://)
     tpustack serve --checkpoint DIR [--host 127.0.0.1 --port 8000 --api-key KEY]   (OpenAI-compatible HTTP)
     tpustack bench decode [--checkpoint DIR] [--batch B --prompt-len L --new-tokens N --price-per-hour P]
+    tpustack bench serve [--checkpoint DIR | --url URL] [--concurrency 64 | --rate R] [--static] [--peer hf]
+                         (tpustack/commands/bench.py, like every command in tpustack/commands/)
     tpustack estimate --config configs/llama2_13b.py [--chip v5p --chips 16 --context 4096 --batch 8]
 """
 
@@ -139,16 +141,9 @@ def _eos(tokenizer) -> int:
 
 def _generator(checkpoint: str, draft: str | None, k: int, cache_dtype: str):
     """(tokenizer, Generator or SpeculativeGenerator) of a checkpoint, through the one loader."""
-    from tpustack.infer.decode import Generator
-    from tpustack.infer.speculative import SpeculativeGenerator
-    from tpustack.weights import load_weights
+    from tpustack.infer.bench import load_generator
 
-    cfg, params, tokenizer = load_weights(checkpoint)
-    if draft is None:
-        return tokenizer, Generator(cfg, params, cache_dtype, _eos(tokenizer))
-    d_cfg, d_params, _ = load_weights(draft)
-    return tokenizer, SpeculativeGenerator(cfg, params, cache_dtype, _eos(tokenizer), draft_cfg=d_cfg,
-                                           draft_params=d_params, k=k)
+    return load_generator(checkpoint, draft, k, cache_dtype)
 
 
 def cmd_generate(args) -> int:
@@ -215,43 +210,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    import numpy as np
-
-    from tpustack.infer.bench import time_generation
-    from tpustack.plan.cost import cost_per_million
-
-    if args.checkpoint is None:
-        from tpustack.config import load_config
-        from tpustack.infer.decode import Generator
-        from tpustack.weights import init_weights
-
-        cfg, params, _ = init_weights(load_config(args.config).model)
-        gen = Generator(cfg, params, args.cache_dtype)
-    else:
-        _, gen = _generator(args.checkpoint, args.draft, args.speculate_k, args.cache_dtype)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, gen.cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.batch)]
-    time_generation(gen, prompts, args.new_tokens)  # compile
-    runs = sorted((time_generation(gen, prompts, args.new_tokens) for _ in range(args.repeats)),
-                  key=lambda r: r["e2e_s"])
-    r = runs[len(runs) // 2]
-    print(f"batch {r['batch']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens (median of {args.repeats})")
-    print(f"TTFT {r['ttft_s'] * 1e3:.1f} ms, TPOT {r['tpot_s'] * 1e3:.2f} ms, "
-          f"{r['tokens_per_s']:.1f} tokens/s end to end, {r['decode_tokens_per_s']:.1f} tokens/s decoding")
-    if "acceptance_rate" in r:
-        print(f"draft acceptance rate {r['acceptance_rate']:.3f}")
-    if args.price_per_hour:
-        print(f"cost: ${cost_per_million(args.price_per_hour, r['tokens_per_s']):.4f} per million "
-              f"output tokens at ${args.price_per_hour}/hour")
-    return 0
-
-
 def cmd_compile_check(args, overrides) -> int:
     import json
 
     from tpustack.config import load_config
-    from tpustack.plan import steptime
     from tpustack.train.aot import compile_check
 
     try:
@@ -281,8 +243,7 @@ def cmd_compile_check(args, overrides) -> int:
     if r["hbm_bytes"]:
         verdict = "fits" if r["fits"] else "does NOT fit"
         print(f"HBM per chip {r['hbm_bytes'] / gb:.1f} GB: {verdict}")
-    print(f"FLOPs per step per chip: {r['flops_per_step_per_chip']:.3e} (XLA's cost analysis: loop bodies once)")
-    print(steptime.render(r["step_time"]) + " (from the compiled HLO)")
+    print(f"FLOPs per step per chip: {r['flops_per_step_per_chip']:.3e}")
     return 0
 
 
@@ -297,38 +258,12 @@ def cmd_estimate(args, overrides) -> int:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag}={getattr(args, flag)}: must be >= 1")
     config = load_config(args.config, overrides)
-    if args.suggest or args.time:
-        return _estimate_time(args, config)
     spec = chip(args.chip)
     result = report(config, spec, args.chips, args.context, args.batch, args.price, args.tokens_per_s)
     if args.plot:
         plot(config, spec, args.context, args.batch, args.plot)
         result["plot"] = args.plot
     print(json.dumps(result, indent=1) if args.json else render(result, args.ops))
-    return 0
-
-
-def _estimate_time(args, config) -> int:
-    """`estimate --time` (the config's layout) and `estimate --suggest` (the best layouts)."""
-    import json
-
-    from tpustack.mesh import mesh_shape
-    from tpustack.plan import steptime, suggest
-    from tpustack.plan.chips import CHIPS
-
-    if args.chip not in steptime.TORUS_DIMS:
-        raise UserError(f"--chip {args.chip}: --time and --suggest model TPU slices; one of "
-                        f"{', '.join(steptime.TORUS_DIMS)}")
-    topology = args.topology or steptime.default_topology(args.chip, args.chips)
-    if args.suggest:
-        rows = suggest.suggest(config, args.config, args.chip, args.chips, topology=topology)
-        print(json.dumps(rows, indent=1) if args.json else suggest.render(rows, CHIPS[args.chip].hbm_bytes))
-        return 0 if rows else 3
-    mesh = mesh_shape(config.mesh, args.chips)
-    st = steptime.analytic(config, args.chip, mesh, topology).as_dict()
-    r = {"config": config.name, "topology": topology, "mesh": mesh, "step_time": st}
-    print(json.dumps(r, indent=1) if args.json else f"{config.name} on {topology}, mesh {mesh}: "
-          + steptime.render(st))
     return 0
 
 
@@ -365,8 +300,6 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compile_check(args, overrides)
         if args.command == "eval":
             return cmd_eval(args)
-        if args.command == "bench":
-            return cmd_bench(args)
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "export":

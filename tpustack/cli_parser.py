@@ -90,18 +90,6 @@ def _weights_commands(sub) -> None:
 
 
 def _measuring_commands(sub) -> None:
-    bench = sub.add_parser("bench", help="measure decoding: TTFT, TPOT, tokens/s, acceptance, cost")
-    bench.add_argument("what", choices=["decode"])
-    bench.add_argument("--checkpoint", default=None, help="a workdir or HF directory (default: random weights)")
-    bench.add_argument("--config", default=DEFAULT_CONFIG, help="model config for random weights")
-    bench.add_argument("--draft", default=None)
-    bench.add_argument("--speculate-k", type=int, default=4)
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--prompt-len", type=int, default=128)
-    bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "int8"])
-    bench.add_argument("--price-per-hour", type=float, default=None, help="$/hour of the machine")
-    bench.add_argument("--repeats", type=int, default=3)
     cc = sub.add_parser("compile-check", help="compile the train step for a TPU topology (no TPU needed): "
                                               "per-chip memory from XLA vs the estimate, FLOPs per step")
     cc.add_argument("--config", default=DEFAULT_CONFIG, help="config file, path.py[:arg]")
@@ -118,9 +106,3 @@ def _measuring_commands(sub) -> None:
     est.add_argument("--ops", action="store_true", help="print the roofline's per-op tables")
     est.add_argument("--json", action="store_true", help="print JSON instead of tables")
     est.add_argument("--plot", default=None, metavar="PNG", help="draw the decode roofline to this PNG")
-    est.add_argument("--time", action="store_true", help="predicted train step time and MFU of the config's layout "
-                     "on --chips x --chip (compute, memory, collectives)")
-    est.add_argument("--suggest", action="store_true", help="rank layouts (data/fsdp/tensor/stage, ZeRO, remat, "
-                     "batch) for --chips x --chip by predicted step time; the best 3 with memory, MFU, a command")
-    est.add_argument("--topology", default=None, help="the TPU slice for --time / --suggest, e.g. v5p:4x4x4 "
-                     "(default: a near-cubic one of --chips)")
