@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from typing import Any, Callable, Iterator
@@ -40,14 +41,57 @@ def _wait_until(t: float, clock: Callable[[], float]) -> None:
     time.sleep(max(t - clock(), 0.0))
 
 
+class _EngineTally:
+    """What the engine did over a run: KV slots used vs allocated (and what a contiguous
+    max-length cache would hold), prefix-cache hits, and the steps that decoded a full batch."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.stats0 = engine, dataclasses.replace(engine.stats)
+        self.queries0, self.hits0 = engine.pool.stats.prefix_queries, engine.pool.stats.prefix_hits
+        self.shapes0 = engine.compiled_shapes()
+        self.used = self.allocated = self.contiguous_used = self.contiguous = 0  # KV token slots, summed
+        self.full_decode: list[tuple[float, int]] = []  # (seconds, context tokens) of steps decoding max_seqs
+
+    def step(self, seconds: float, tokens: int, events: int) -> None:
+        engine, pool = self.engine, self.engine.pool
+        held = sum(r.computed for r in engine.running)
+        shared = sum(pool.refcount) - pool.in_use()  # extra holders of shared (full) pages
+        self.used += held - shared * pool.page_size
+        self.allocated += pool.in_use() * pool.page_size
+        self.contiguous_used += held
+        self.contiguous += len(engine.running) * engine.cfg.max_seq_len
+        if tokens == events == engine.ecfg.max_seqs:  # every sequence fed one token and sampled one
+            self.full_decode.append((seconds, held))
+
+    def figures(self) -> dict:
+        e, s0 = self.engine, self.stats0
+        out = {"steps": e.stats.steps - s0.steps, "preemptions": e.stats.preemptions - s0.preemptions,
+               "padded_token_share": _ratio(e.stats.padded_tokens - s0.padded_tokens,
+                                            e.stats.padded_tokens - s0.padded_tokens
+                                            + e.stats.scheduled_tokens - s0.scheduled_tokens),
+               "kv_waste_paged": 1 - _ratio(self.used, self.allocated) if self.allocated else None,
+               "kv_waste_contiguous_max_len": 1 - _ratio(self.contiguous_used, self.contiguous)
+               if self.contiguous else None,
+               "prefix_cache_hit_rate": _ratio(e.pool.stats.prefix_hits - self.hits0,
+                                               e.pool.stats.prefix_queries - self.queries0),
+               "pages_in_use_after": e.pool.in_use(), "compiled_shapes_during_run": e.compiled_shapes() - self.shapes0}
+        if self.full_decode:  # model FLOPs: 2 per weight of a matmul per token, plus attention over the context
+            cfg, seqs = e.cfg, e.ecfg.max_seqs
+            # an untied embedding's lookup is no matmul
+            weights = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+            seconds = float(np.median([t for t, _ in self.full_decode]))
+            context = float(np.median([c for _, c in self.full_decode]))
+            flops = 2 * weights * seqs + 4 * cfg.num_layers * cfg.num_heads * cfg.heads_dim * context
+            out["full_batch_decode"] = {"sequences": seqs, "steps": len(self.full_decode), "median_step_s": seconds,
+                                        "tokens_per_s": seqs / seconds, "gflops": flops / seconds / 1e9}
+        return out
+
+
 def run_engine(engine: Engine, workload: Workload, concurrency: int | None = None) -> tuple[list[Record], dict]:
     """(records, engine figures) of the workload through the engine, stepped on this thread."""
-    clients, clock = Clients(workload, concurrency), _clock()
+    clients, clock, tally = Clients(workload, concurrency), _clock(), _EngineTally(engine)
     records: list[Record] = [None] * len(workload)  # type: ignore[list-item]
     live: dict[int, int] = {}  # engine request id -> workload index
-    used = allocated = contiguous_used = contiguous = 0  # KV token slots summed over steps
-    steps0, pre0, shapes0 = engine.stats.steps, engine.stats.preemptions, engine.compiled_shapes()
-    queries0, hits0 = engine.pool.stats.prefix_queries, engine.pool.stats.prefix_hits
     while clients.left() or engine.has_work():
         while (t := clients.send_time()) is not None and t <= clock():
             i, sent = clients.send()
@@ -56,14 +100,10 @@ def run_engine(engine: Engine, workload: Workload, concurrency: int | None = Non
         if not engine.has_work():
             _wait_until(clients.send_time(), clock)
             continue
+        start, scheduled = clock(), engine.stats.scheduled_tokens
         events = engine.step()
         now = clock()
-        held = sum(r.computed for r in engine.running)
-        shared = sum(engine.pool.refcount) - engine.pool.in_use()  # extra holders of shared (full) pages
-        used += held - shared * engine.pool.page_size
-        allocated += engine.pool.in_use() * engine.pool.page_size
-        contiguous_used += held
-        contiguous += len(engine.running) * engine.cfg.max_seq_len
+        tally.step(now - start, engine.stats.scheduled_tokens - scheduled, len(events))
         for ev in events:
             rec = records[live[ev.id]]
             if ev.token is not None:
@@ -76,14 +116,7 @@ def run_engine(engine: Engine, workload: Workload, concurrency: int | None = Non
                 clients.done(now)
                 if ev.finish_reason not in ("stop", "length"):
                     rec.error = f"finish_reason {ev.finish_reason}"
-    extras = {"steps": engine.stats.steps - steps0, "preemptions": engine.stats.preemptions - pre0,
-              "kv_waste_paged": 1 - used / allocated if allocated else None,
-              "kv_waste_contiguous_max_len": 1 - contiguous_used / contiguous if contiguous else None,
-              "prefix_cache_hit_rate": _ratio(engine.pool.stats.prefix_hits - hits0,
-                                              engine.pool.stats.prefix_queries - queries0),
-              "pages_in_use_after": engine.pool.in_use(),
-              "compiled_shapes_during_run": engine.compiled_shapes() - shapes0}
-    return records, extras
+    return records, tally.figures()
 
 
 def _ratio(a: int, b: int) -> float:

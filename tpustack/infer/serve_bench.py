@@ -129,11 +129,7 @@ def bench_serve(args: argparse.Namespace) -> int:
             print(f"greedy agreement {pair}: first token {a['first_token_equal']:.1%}, whole output "
                   f"{a['all_equal']:.1%}, mean common prefix {a['mean_common_prefix']:.1%}")
     if "engine" in extras:
-        e = extras["engine"]
-        waste = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
-        print(f"engine: {e['steps']} steps, {e['preemptions']} preemptions, KV waste {waste(e['kv_waste_paged'])} "
-              f"(a contiguous max-length cache: {waste(e['kv_waste_contiguous_max_len'])}), prefix-cache hit "
-              f"rate {e['prefix_cache_hit_rate']:.1%}")
+        _engine_lines(extras["engine"])
     print(render(results))
     if args.out:
         paths.write_text(args.out, json.dumps(report, indent=1))
@@ -144,6 +140,26 @@ def bench_serve(args: argparse.Namespace) -> int:
               f"{1 - pair['first_token_equal']:.1%} of requests", file=sys.stderr)
         return 3
     return 0
+
+
+def _engine_lines(e: dict) -> None:
+    """The engine's KV waste, prefix cache, and its full-batch decode step against the matmul peak
+    measured now (tpustack.plan.chips: a large f32 jnp.dot on CPU; the chip table elsewhere)."""
+    import jax
+
+    from tpustack.plan.chips import chip_for_device
+
+    waste = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    print(f"engine: {e['steps']} steps, {e['preemptions']} preemptions, KV waste {waste(e['kv_waste_paged'])} "
+          f"(a contiguous max-length cache: {waste(e['kv_waste_contiguous_max_len'])}), prefix-cache hit "
+          f"rate {e['prefix_cache_hit_rate']:.1%}, compiled during the timed pass: {e['compiled_shapes_during_run']}")
+    d = e.get("full_batch_decode")
+    if d:
+        peak = chip_for_device(jax.devices()[0]).peak_flops / 1e9
+        d["matmul_peak_gflops"], d["share_of_peak"] = peak, d["gflops"] / peak if peak else None
+        print(f"engine decode steps at {d['sequences']} sequences ({d['steps']} steps): median "
+              f"{d['median_step_s'] * 1e3:.1f} ms, {d['tokens_per_s']:.0f} tokens/s, {d['gflops']:.1f} GFLOP/s"
+              + (f" = {d['share_of_peak']:.0%} of the matmul peak ({peak:.0f} GFLOP/s)" if peak else ""))
 
 
 def _describe(workload) -> dict:
