@@ -144,12 +144,14 @@ def _run(config: Config, opts: FinetuneOptions, ckpt: Checkpointer, state: Train
     reporter = StepReporter(config, t.steps, writer, progress)
     before = heldout(lora.zero_update(state.params))  # B = 0: the base model's own loss
     reporter.say(f"held-out loss of the base: {before:.4f}")
+    saved = start
     for step in range(start, t.steps):
         batch = {k: jnp.asarray(v) for k, v in train_batches.host_batch(step).items()}
         state, metrics = step_fn(state, base, batch)
         reporter.report(step, metrics)
-        ckpt.save(step + 1, state, config)
-    if ckpt.latest_step() != t.steps:
+        if ckpt.save(step + 1, state, config):
+            saved = step + 1
+    if saved != t.steps:
         ckpt.save(t.steps, state, config, force=True)
     after = heldout(state.params)
     reporter.say(f"held-out loss at step {t.steps}: {after:.4f}")
