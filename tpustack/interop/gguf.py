@@ -144,6 +144,9 @@ def write_gguf(path: str, params: dict, cfg: ModelConfig, tokenizer: Any, tensor
     """Write params (our tree), cfg and tokenizer as a GGUF file at `path` (local or gs://)."""
     if tensor_type not in TENSOR_TYPES:
         raise UserError(f"--type {tensor_type!r}: one of {', '.join(TENSOR_TYPES)}")
+    if cfg.weight_quant != "none":
+        raise UserError(f"model.weight_quant={cfg.weight_quant!r}: a quantized checkpoint does not export to GGUF "
+                        "yet; export its float checkpoint with --type q8_0 or q4_0")
     with tempfile.TemporaryDirectory(prefix="tpustack-gguf-") as tmp:
         local = os.path.join(tmp, "model.gguf") if paths.is_remote(path) else path
         if tensor_type == "q4_k":
