@@ -233,3 +233,17 @@ def test_a_gguf_of_another_architecture_is_refused(tmp_path):
     writer.close()
     with pytest.raises(UserError, match="architecture 'gpt2'"):
         load_weights(path)
+
+
+def test_gguf_export_and_import_on_gs(gcs_bucket, tmp_path):
+    """write_gguf to gs:// (written locally, uploaded) and load_weights of the gs:// file (downloaded)."""
+    params, url = _noisy(), f"{gcs_bucket}/models/m.q4_0.gguf"
+    write_gguf(url, params, CFG, ByteTokenizer(), "q4_0")
+    write_gguf(str(tmp_path / "m.gguf"), params, CFG, ByteTokenizer(), "q4_0")
+    from tpustack import paths
+
+    assert paths.read_bytes(url) == (tmp_path / "m.gguf").read_bytes()
+    remote, local = load_weights(url), load_weights(str(tmp_path / "m.gguf"))
+    assert remote.cfg == local.cfg == CFG and isinstance(remote.tokenizer, ByteTokenizer)
+    for a, b in zip(jax.tree.leaves(remote.params), jax.tree.leaves(local.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
