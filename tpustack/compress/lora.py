@@ -175,7 +175,7 @@ def merge_adapters(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
                 out[key] = _float_weight(node, key, want.shape)
         return out
 
-    return plain, merge(params, shapes)
+    return plain, jax.jit(lambda p: merge(p, shapes))(params)  # one program, not an op-by-op dispatch per leaf
 
 
 def peft_state(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
