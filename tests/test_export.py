@@ -217,3 +217,21 @@ def test_orbax_export_from_one_mesh_loads_onto_another_with_the_same_logits(tmp_
     # the quantized export is the quantized tree as it was, bit for bit
     for name, value in _flat(ref_params).items():
         np.testing.assert_array_equal(_flat(loaded.params)[name], value, err_msg=name)
+
+
+def test_orbax_export_to_and_from_a_bucket(gcs_bucket):
+    from tpustack import paths
+    from tpustack.export import export_orbax
+    from tpustack.model.quant import quantize_params
+    from tpustack.weights import load_weights, weights_kind
+
+    weights, out = _noisy_weights(ByteTokenizer()), paths.join(gcs_bucket, "serving", "orbax")
+    written = export_orbax(weights, out, "int8")
+    assert written[:2] == [paths.join(out, "params"), paths.join(out, "model_config.json")]
+    assert weights_kind(out) == "orbax"
+    loaded = load_weights(out)
+    assert loaded.cfg.weight_quant == "int8"
+    expected, got = _flat(quantize_params(weights.params, "int8")), _flat(loaded.params)
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
