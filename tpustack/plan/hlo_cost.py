@@ -11,6 +11,8 @@ Per op:
   in-features x the (output, window) pairs that fall inside the input per spatial dim,
   as XLA's HloCostAnalysis counts them; one FLOP per result element of arithmetic ops.
   A fusion's FLOPs are those of the ops inside it.
+- custom calls (Pallas kernels) carry no FLOPs in the HLO (ours declare no cost
+  estimate): 0 here, their bytes as any op's; steptime adds the kernels' FLOPs by formula.
 - bytes: what the op reads and writes in HBM: its operands and result, except that a fused
   dynamic-slice reads only the slice (a scan step's layer out of the stacked [L, ...]
   weights) and a fused dynamic-update-slice writes only the update in place.
@@ -32,7 +34,7 @@ _LINE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _ARR = re.compile(r"\b(?:f32|bf16|f16|s32|u32|pred|s8|u8|f64|s64)\[([\d,]*)\]")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
          "after-all", "partition-id", "replica-id", "opt-barrier", "copy-start", "copy-done", "iota",
-         "add-dependency", "custom-call"}
+         "add-dependency"}
 _ARITH = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "exponential", "log", "tanh", "rsqrt",
           "sqrt", "power", "negate", "abs", "compare", "select", "logistic", "exponential-minus-one", "reduce"}
 

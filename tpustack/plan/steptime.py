@@ -101,8 +101,12 @@ def from_hlo(hlo_text: str, config: Config, topology: str, chips: int) -> StepTi
     p, bw = chip.peak_flops, chip.hbm_bandwidth
     compute = memory = 0.0
     busy: dict[str, float] = {}  # per computation, one run: the op time collectives may hide under
-    for op in hlo_ops(hlo_text):
-        tc, tm = op.flops / p, op.bytes / bw
+    ops = hlo_ops(hlo_text)
+    kernels = sum(op.runs for op in ops if op.opcode == "custom-call")
+    per_kernel = kernel_flops(config, chips) / kernels if kernels else 0.0
+    for op in ops:
+        flops = per_kernel if op.opcode == "custom-call" else op.flops
+        tc, tm = flops / p, op.bytes / bw
         compute += op.runs * tc if tc >= tm else 0.0
         memory += op.runs * tm if tm > tc else 0.0
         busy[op.computation] = busy.get(op.computation, 0.0) + max(tc, tm)
@@ -119,6 +123,24 @@ def from_hlo(hlo_text: str, config: Config, topology: str, chips: int) -> StepTi
     for comp, (t, runs) in hidden.items():
         exposed += runs * max(0.0, t - busy.get(comp, 0.0))
     return StepTime(compute, memory, total, exposed, model_flops_per_chip(config, chips), p)
+
+
+def flash_attention_flops(config: Config, local_batch: float, heads: float) -> float:
+    """FLOPs of the Pallas flash kernels per step per chip: causal blocks skipped (half of the
+    4 B N T^2 H forward, 8 backward, + 2 recomputing the scores), and the forward again
+    under a remat policy that recomputes the layer."""
+    m, t = config.model, config.train.seq_len
+    unit = local_batch * heads * t * t * m.heads_dim * m.num_layers / 2
+    return unit * (4 + 8 + 2 + (4 if remat_recompute(m.remat_policy) >= 1 else 0))
+
+
+def kernel_flops(config: Config, chips: int) -> float:
+    """FLOPs per chip of the step's Pallas kernels (0 without them): what the HLO cannot show."""
+    m, t, mesh = config.model, config.train, config.mesh
+    if m.attention_impl not in ("pallas", "auto"):
+        return 0.0
+    tensor = max(1, mesh.tensor)
+    return flash_attention_flops(config, t.batch_size * tensor / chips, -(-m.num_heads // tensor))
 
 
 def remat_recompute(remat: str) -> float:
@@ -142,10 +164,18 @@ def analytic(config: Config, chip_name: str, mesh: dict[str, int], topology: str
     local = max(1, t.batch_size // dp)
     dtype = "float32" if t.precision == "f32" else "bfloat16"
     ops = roofline.train_ops(m, local, t.seq_len, dtype)
+    flash = m.attention_impl in ("pallas", "auto")
+    if flash:  # flash: no [T, S] scores in HBM, causal blocks skipped
+        c = 4 if dtype == "float32" else 2
+        ops = [roofline.Op(o.name, o.kind, flash_attention_flops(config, local, m.num_heads) / m.num_layers,
+                           3 * local * t.seq_len * (2 * m.num_heads + 2 * m.num_kv_heads) * m.heads_dim * c, o.count)
+               if o.kind == "attention" else o for o in ops]
     extra = remat_recompute(m.remat_policy) / 3  # train_ops count forward + backward (3 forwards)
     compute = memory = 0.0
     for op in ops:
-        scale = (1 + (extra if op.name not in ("lm head", "cross-entropy") else 0.0)) / (tensor * stages)
+        # remat reruns the layers' forward (the flash op counts its own rerun)
+        rerun = op.name not in ("lm head", "cross-entropy") and not (flash and op.kind == "attention")
+        scale = (1 + (extra if rerun else 0.0)) / (tensor * stages)
         tc, tm = op.flops * scale / chip.peak_flops, op.bytes * scale / chip.hbm_bandwidth
         compute += op.count * tc if tc >= tm else 0.0
         memory += op.count * tm if tm > tc else 0.0

@@ -9,6 +9,7 @@ and fit" before renting the chips.
 
 from __future__ import annotations
 
+import gzip
 import re
 from typing import Any
 
@@ -49,7 +50,7 @@ def check(config_path: str, backend: str, layout: str, remat: str, overrides: di
     return row(config, backend, layout, remat, float(stats.argument_size_in_bytes), float(stats.temp_size_in_bytes))
 
 
-def compile_check(config: Config, topology: str) -> dict[str, Any]:
+def compile_check(config: Config, topology: str, hlo_path: str | None = None) -> dict[str, Any]:
     """Compile config's train step for a (virtual) TPU topology: XLA's per-chip bytes and FLOPs
     beside our estimate, so a user knows whether the job compiles and fits before renting.
 
@@ -70,7 +71,11 @@ def compile_check(config: Config, topology: str) -> dict[str, Any]:
         need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
         return {**report, "fits": False, "compiled": False, "xla_error": str(e).splitlines()[0][:300],
                 "xla_temp_bytes": float(need.group(1)) * 2**30 if need else float("nan")}
-    step = steptime.from_hlo(compiled.as_text(), config, topology, len(devices))
+    hlo_text = compiled.as_text()
+    if hlo_path:  # the compiled module, for reading what XLA did (gzip when the name ends .gz)
+        with (gzip.open if hlo_path.endswith(".gz") else open)(hlo_path, "wt") as f:
+            f.write(hlo_text)
+    step = steptime.from_hlo(hlo_text, config, topology, len(devices))
     return {**report, **_xla_figures(compiled, report["hbm_bytes"]), "step_time": step.as_dict()}
 
 

@@ -1,0 +1,136 @@
+"""Published MaxText training runs beside tpustack's predicted step time for the same job.
+
+Rows: MaxText's docs/reference/models/tiering.md (AI-Hypercomputer/maxtext @ e591f30, the
+"Optimized models tiering" tables: model, chips, sequence length, MFU, tokens/s/device) with
+the per-device batch, remat and sharding of the recipe each row links to
+(benchmarks/maxtext_trillium_model_configs.py, src/maxtext/configs/tpu/v5p/llama2_70b.sh).
+Each is predicted for tpustack's own program (configs/ shapes, fp32 master + bf16 compute,
+ZeRO-3 FSDP over every chip, the Pallas flash kernel) with tpustack.plan.steptime:
+
+- analytic: at the published size (no compile);
+- hlo (--compile): the real TPU compiler's program for a proxy with the same per-chip
+  shapes (width, heads, batch per chip, sequence) but `--layers` layers on a 64-chip slice
+  (a 256-chip 80-layer compile does not finish on this machine); the HLO's time per layer
+  and per step outside the layers are read off two depths and extrapolated to the full depth.
+
+MaxText counts causal attention at half its FLOPs (tiering.md note [2]); tpustack.metrics
+does not. To compare like with like the predicted MFU here is the published MFU scaled by
+predicted / published tokens per second per chip (the same FLOPs per token on both sides).
+
+    nice -n 10 python benchmarks/maxtext_published.py [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+OUT = "benchmarks/results/maxtext_published.json"
+L70 = {"model.d_model": "8192", "model.num_layers": "80", "model.num_heads": "64", "model.num_kv_heads": "8",
+       "model.ffn_dim": "28672"}
+# (row, published MFU, published tokens/s/chip, chip, chips, config, overrides, MaxText's remat)
+ROWS = [
+    ("Llama 2 70B, v5p-512, SL 4096, batch 4/chip", 0.654, 692, "v5p", 512, "configs/llama2_13b.py",
+     {**L70, "train.seq_len": "4096", "model.max_seq_len": "4096"}, 4, "save_dot_except_mlpwi"),
+    ("Llama 2 70B, v6e-256, SL 4096, batch 4/chip", 0.438, 900, "v6e", 256, "configs/llama2_13b.py",
+     {**L70, "train.seq_len": "4096", "model.max_seq_len": "4096"}, 4, "full"),
+    ("Llama 3.1 8B, v6e-256, SL 8192, batch 4/chip", 0.4546, 7207, "v6e", 256, "configs/llama3_8b.py",
+     {"train.seq_len": "8192", "model.max_seq_len": "8192"}, 4, "custom (offload)"),
+    ("Llama 3.1 70B, v6e-256, SL 8192, batch 5/chip", 0.5033, 960, "v6e", 256, "configs/llama3_8b.py",
+     {**L70, "train.seq_len": "8192", "model.max_seq_len": "8192"}, 5, "custom (offload)"),
+]
+# MaxText's remat -> the nearest jax.checkpoint_policies entry our model takes
+REMAT = {"full": "nothing_saveable", "save_dot_except_mlpwi": "dots_with_no_batch_dims_saveable",
+         "custom (offload)": "dots_with_no_batch_dims_saveable"}
+
+
+def our_config(path: str, overrides: dict, chips: int, per_chip: int, remat: str, layers: int | None = None):
+    from tpustack.config import load_config
+
+    ov = {**overrides, "mesh.fsdp": "-1", "parallel.zero_stage": "3", "model.attention_impl": "pallas",
+          "model.remat_policy": REMAT[remat], "train.batch_size": str(per_chip * chips)}
+    if layers:
+        ov["model.num_layers"] = str(layers)
+    return load_config(path, ov)
+
+
+def predict(row) -> dict:
+    from tpustack.plan import steptime
+    from tpustack.plan.memory import train_memory
+
+    name, mfu, tps, chip, chips, path, ov, per_chip, remat = row
+    cfg = our_config(path, ov, chips, per_chip, remat)
+    mesh = {"data": 1, "stage": 1, "fsdp": chips, "tensor": 1}
+    st = steptime.analytic(cfg, chip, mesh)
+    t = cfg.train
+    ours_tps = t.batch_size * t.seq_len / chips / st.seconds
+    mem = train_memory(cfg.model, t.precision, mesh, 3, t.batch_size, t.seq_len, cfg.model.remat_policy,
+                       backend="tpu")
+    return {"row": name, "published_mfu": mfu, "published_tokens_per_s_chip": tps, "chip": chip, "chips": chips,
+            "remat_maxtext": remat, "remat_ours": cfg.model.remat_policy, "memory_gb": mem.total / 1e9,
+            "analytic": {**st.as_dict(), "tokens_per_s_chip": ours_tps, "mfu_maxtext_count": mfu * ours_tps / tps}}
+
+
+def hlo_proxy(row, depths=(2, 4)) -> dict:
+    """The HLO-based prediction of a row from two shallow compiles on a 64-chip slice."""
+    from tpustack.plan import steptime
+    from tpustack.train.aot import compile_check
+
+    name, mfu, tps, chip, chips, path, ov, per_chip, remat = row
+    topo = steptime.default_topology(chip, 64)
+    got = {}
+    for layers in depths:
+        r = compile_check(our_config(path, ov, 64, per_chip, remat, layers), topo)
+        if not r["compiled"]:
+            return {"topology": topo, "error": r.get("xla_error", "did not compile")}
+        got[layers] = r["step_time"]
+    full = int(our_config(path, ov, chips, per_chip, remat).model.num_layers)
+    a, b = depths
+    out = {}
+    for k in ("step_s", "compute_s", "memory_s", "collective_s", "exposed_collective_s"):
+        per_layer = (got[b][k] - got[a][k]) / (b - a)
+        out[k] = got[a][k] + (full - a) * per_layer
+    seq = int(ov["train.seq_len"])
+    ours_tps = per_chip * seq / out["step_s"]
+    return {"topology": topo, "depths": got, **out, "tokens_per_s_chip": ours_tps,
+            "mfu_maxtext_count": mfu * ours_tps / tps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile", action="store_true", help="also the HLO-based prediction (slow)")
+    ap.add_argument("--only", default="", help="substring of the row names")
+    args = ap.parse_args()
+    old = {}
+    if os.path.exists(OUT):
+        old = {r["row"]: r for r in json.load(open(OUT))}
+    rows = []
+    for row in ROWS:
+        if args.only and args.only not in row[0]:
+            if row[0] in old:
+                rows.append(old[row[0]])
+            continue
+        r = predict(row)
+        if args.compile:
+            r["hlo"] = hlo_proxy(row)
+        elif "hlo" in old.get(row[0], {}):
+            r["hlo"] = old[row[0]]["hlo"]
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print("| run (MaxText) | published MFU | predicted MFU, analytic | ratio | predicted MFU, our HLO | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        a = r["analytic"]["mfu_maxtext_count"]
+        h = r.get("hlo", {}).get("mfu_maxtext_count")
+        hs = f"{h:.1%} | {h / r['published_mfu']:.2f}" if h else "- | -"
+        print(f"| {r['row']} | {r['published_mfu']:.1%} | {a:.1%} | {a / r['published_mfu']:.2f} | {hs} |")
+    with open(OUT, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
