@@ -247,3 +247,32 @@ def test_gguf_export_and_import_on_gs(gcs_bucket, tmp_path):
     assert remote.cfg == local.cfg == CFG and isinstance(remote.tokenizer, ByteTokenizer)
     for a, b in zip(jax.tree.leaves(remote.params), jax.tree.leaves(local.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mode,nearest,bound", [("int8", "Q8_0", 0.005), ("int4", "Q4_0", 0.15), ("nf4", "Q4_0", 0.15)])
+def test_a_quantized_checkpoint_exports_to_its_nearest_type(tmp_path, mode, nearest, bound):
+    """Dequantized, then quantized on GGUF's blocks: the file holds gguf.quants' blocks of the
+    checkpoint's own weights, off from them by the requantization alone (bound: relative, per tensor)."""
+    import dataclasses
+
+    from tpustack.model.quant import quantize_params
+
+    cfg = dataclasses.replace(CFG, d_model=256, ffn_dim=256, num_layers=1)  # int4: K % 256 == 0
+    qcfg, qparams = dataclasses.replace(cfg, weight_quant=mode), quantize_params(_noisy(cfg), mode)
+    from tpustack.interop.gguf import dequantized
+
+    want, float_cfg = dequantized(qparams, qcfg)
+    assert float_cfg == cfg
+    path = str(tmp_path / "q.gguf")
+    write_gguf(path, qparams, qcfg, ByteTokenizer(), None)
+    assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} == {nearest, "F32"}
+    got_cfg, got, _, _ = read_gguf(path)
+    assert got_cfg == cfg
+    qtype = gguf.GGMLQuantizationType[nearest]
+    for (name, w), g in zip(params_to_hf_state(want, cfg).items(), params_to_hf_state(got, cfg).values(), strict=True):
+        if w.ndim == 2:
+            heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads if "k_proj" in name else 0
+            p = permute_rows(w, heads) if heads else w
+            ref = gguf.quants.dequantize(gguf.quants.quantize(p, qtype), qtype)
+            np.testing.assert_array_equal(g, unpermute_rows(ref, heads) if heads else ref)
+        assert np.abs(g - w).max() <= bound * np.abs(w).max(), name

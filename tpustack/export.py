@@ -37,14 +37,14 @@ def export_hf(weights: Weights, out: str, tensor_type: str | None = None) -> lis
 
 
 def export_gguf(weights: Weights, out: str, tensor_type: str | None = None) -> list[str]:
-    """One GGUF file `out` that llama.cpp runs: f32 (default) | f16 | q8_0 | q4_0 | q4_k, with the
-    tokenizer and the chat template an hf export would carry."""
+    """One GGUF file `out` that llama.cpp runs: f32 (default; a quantized checkpoint: its nearest type) |
+    f16 | q8_0 | q4_0 | q4_k, with the tokenizer and the chat template an hf export would carry."""
     try:  # gguf is an optional extra
         from tpustack.interop.gguf import write_gguf
         from tpustack.interop.gguf_vocab import chat_template_of
     except ImportError as e:
         raise UserError(f"--format gguf: needs {e.name}; pip install 'tpustack[gguf]'") from None
-    write_gguf(out, weights.params, weights.cfg, weights.tokenizer, tensor_type or "f32",
+    write_gguf(out, weights.params, weights.cfg, weights.tokenizer, tensor_type,
                chat_template=chat_template_of(weights.tokenizer))
     return [out]
 

@@ -13,24 +13,34 @@ falling back to f16 for a matrix whose rows are not whole blocks (as the convert
 written in f32 and llama.cpp's own quantizer (llama_model_quantize from llama-cpp-python,
 pure Q4_K, with llama.cpp's fallbacks for rows that are not whole 256-blocks) converts it.
 
+A weight-only quantized checkpoint (model.weight_quant int8 | int4 | nf4) is dequantized and
+written as --type, by default its nearest GGUF type (NEAREST_TYPE says what that loses).
+
 Reading dequantizes whatever gguf.quants can (F32, F16, BF16, Q8_0, Q4_0, Q4_K, ...) to f32.
 Dimension letters: D model, F mlp, N heads, K kv heads, H head dim, V vocab.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import tempfile
 from typing import Any
 
 import gguf
+import jax
 import numpy as np
+from flax import linen as nn
 
 from tpustack import paths
+from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
 from tpustack.interop.gguf_vocab import _field, add_vocab, read_vocab
 from tpustack.interop.hf import params_from_hf_state, params_to_hf_state, tensor_maps
+from tpustack.kernels.reference import dequantize_int4
+from tpustack.model import abstract_params
 
 ARCH = "llama"
 TENSOR_TYPES = {
@@ -38,6 +48,13 @@ TENSOR_TYPES = {
     "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
     "q4_k": gguf.GGMLQuantizationType.Q4_K,
 }
+# A quantized checkpoint's nearest GGUF type. Not lossless: the dequantized weights are
+# quantized again on GGUF's own blocks (32 values, one f16 scale each): int8's per-channel
+# grid is not Q8_0's per-block one (an error of at most half a Q8_0 step, <= 0.4% of the
+# block's largest weight); int4 (16 levels a group of 128) and nf4 (16 normal-float levels a
+# block of 64) land on Q4_0's 16 even levels a block of 32, an error up to half a Q4_0 step.
+# --type q8_0 keeps a 4-bit checkpoint nearer (about 1/16 of that error) at twice the size.
+NEAREST_TYPE = {"int8": "q8_0", "int4": "q4_0", "nf4": "q4_0"}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
               "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}
@@ -139,14 +156,51 @@ def quantize_q4_k(src: str, dst: str) -> None:
         raise RuntimeError(f"llama_model_quantize {src} -> {dst} failed")
 
 
-def write_gguf(path: str, params: dict, cfg: ModelConfig, tokenizer: Any, tensor_type: str = "f32",
+def dequantized(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """A weight-only quantized tree (model.weight_quant int8 | int4 | nf4; unrolled) -> its f32 weights."""
+    mode = cfg.weight_quant
+    if mode not in NEAREST_TYPE:
+        raise UserError(f"model.weight_quant={mode!r}: GGUF export reads {', '.join(NEAREST_TYPE)} checkpoints")
+    float_cfg = dataclasses.replace(cfg, weight_quant="none", scan_layers=False)
+    shapes = jax.tree.map(lambda x: x.shape, nn.meta.unbox(abstract_params(float_cfg)))
+    params = jax.device_get(params)
+
+    def convert(shape_tree: dict, tree: dict) -> dict:
+        out = {}
+        for key, shape in shape_tree.items():
+            if isinstance(shape, dict):
+                out[key] = convert(shape, tree[key])
+            elif key in tree:  # embedding, norms: float as they were
+                out[key] = np.asarray(tree[key], np.float32)
+            else:
+                k = math.prod(shape[:2 if key == "o" else 1])  # o is [N, H, D]: (N, H) are the input dims
+                out[key] = np.asarray(_dequantize_KN(tree, key, mode, k, math.prod(shape) // k)).reshape(shape)
+        return out
+
+    return convert(shapes, params), float_cfg
+
+
+def _dequantize_KN(tree: dict, key: str, mode: str, k: int, n: int) -> Any:
+    """The f32 [K, N] matrix behind one linear's quantized params (layout: tpustack.model.quant)."""
+    if mode == "int8":
+        return tree[f"{key}_int8"].astype(np.float32) * tree[f"{key}_scale"][None, :]
+    if mode == "int4":
+        return dequantize_int4(tree[f"{key}_int4"], tree[f"{key}_scale"])
+    return dequantize_nf4({part: tree[f"{key}_nf4_{part}"] for part in nf4_shapes(k * n)}, (n, k)).T
+
+
+def write_gguf(path: str, params: dict, cfg: ModelConfig, tokenizer: Any, tensor_type: str | None = "f32",
                name: str = "tpustack", chat_template: str | None = None) -> None:
-    """Write params (our tree), cfg and tokenizer as a GGUF file at `path` (local or gs://)."""
+    """Write params (our tree), cfg and tokenizer as a GGUF file at `path` (local or gs://).
+
+    A weight-only quantized checkpoint is dequantized and written as `tensor_type`, by default
+    the nearest GGUF type (NEAREST_TYPE)."""
+    if cfg.weight_quant != "none":
+        tensor_type = tensor_type or NEAREST_TYPE.get(cfg.weight_quant)
+        params, cfg = dequantized(params, cfg)
+    tensor_type = tensor_type or "f32"
     if tensor_type not in TENSOR_TYPES:
         raise UserError(f"--type {tensor_type!r}: one of {', '.join(TENSOR_TYPES)}")
-    if cfg.weight_quant != "none":
-        raise UserError(f"model.weight_quant={cfg.weight_quant!r}: a quantized checkpoint does not export to GGUF "
-                        "yet; export its float checkpoint with --type q8_0 or q4_0")
     with tempfile.TemporaryDirectory(prefix="tpustack-gguf-") as tmp:
         local = os.path.join(tmp, "model.gguf") if paths.is_remote(path) else path
         if tensor_type == "q4_k":
