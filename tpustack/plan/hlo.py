@@ -85,6 +85,37 @@ def computations(hlo_text: str) -> dict[str, list[str]]:
     return comps
 
 
+def _trip_count(cond: list[str], body: list[str]) -> int:
+    """Trips of a TPU while loop: the bound N of the condition's `i < N` over the step by
+    which the body advances i (XLA's windowed einsum loops step by 2)."""
+    consts = {m.group(1): int(m.group(2)) for m in (re.match(r"\s*%([\w.\-]+) = [su]32\[\]\S* constant\((\d+)\)", ln)
+                                                    for ln in cond) if m}
+    bound, index = None, None
+    for ln in cond:
+        m = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=LT", ln)
+        if m and m.group(2) in consts:
+            bound = consts[m.group(2)]
+            gte = next((g for g in cond if re.match(rf"\s*%{re.escape(m.group(1))} = ", g)), "")
+            idx = re.search(r"index=(\d+)", gte)
+            index = int(idx.group(1)) if idx else None
+    if bound is None:  # no `i < N` found: the largest integer constant, as before
+        return max(consts.values(), default=1)
+    step = 1
+    root = next((ln for ln in body if ln.lstrip().startswith("ROOT ") and " tuple(" in ln), None)
+    if root is not None and index is not None:
+        operands = re.findall(r"%([\w.\-]+)", root.split(" tuple(", 1)[1])
+        if index < len(operands):
+            defn = next((ln for ln in body if re.match(rf"\s*%{re.escape(operands[index])} = ", ln)), "")
+            add = re.search(r" add\(%([\w.\-]+), %([\w.\-]+)\)", defn)
+            if add:
+                for name in add.groups():
+                    c = next((re.search(r"constant\((\d+)\)", ln) for ln in body
+                              if re.match(rf"\s*%{re.escape(name)} = [su]32\[\]\S* constant", ln)), None)
+                    if c:
+                        step = max(1, int(c.group(1)))
+    return max(1, -(-bound // step))
+
+
 def run_counts(comps: dict[str, list[str]]) -> dict[str, int]:
     """How many times each computation runs per step (while trip counts multiplied down)."""
     # a while body runs trip-count times per run of its caller; other called computations
@@ -99,9 +130,8 @@ def run_counts(comps: dict[str, list[str]]) -> dict[str, int]:
                 cond = re.search(r"condition=%?([\w.\-]+)", line)
                 if known:  # XLA CPU / GPU annotate the trip count
                     trips_of[body.group(1)] = int(known.group(2))
-                elif body and cond:  # TPU does not: read the bound `i < N` off the condition
-                    bounds = [int(c) for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", "\n".join(comps.get(cond.group(1), [])))]
-                    trips_of[body.group(1)] = max(bounds) if bounds else 1
+                elif body and cond:  # TPU does not: read `i < N` off the condition, i's step off the body
+                    trips_of[body.group(1)] = _trip_count(comps.get(cond.group(1), []), comps.get(body.group(1), []))
             for callee in re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", line):
                 callers.setdefault(callee, []).append((comp, trips_of.get(callee, 1)))
             for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
