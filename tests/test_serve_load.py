@@ -184,6 +184,27 @@ def test_disconnect_frees_the_pages_before_the_next_engine_step(served, monkeypa
     assert idle(server)
 
 
+def test_bench_serve_against_the_server(served, params, tmp_path, capsys, gcs_bucket):
+    """`tpustack bench serve --url`: the streamed HTTP driver's figures and token counts, the
+    JSON written to gs:// (the local emulator)."""
+    from tpustack import paths
+    from tpustack.cli import main
+    from tpustack.interop.hf import save_hf_checkpoint
+
+    url, server = served
+    save_hf_checkpoint(str(tmp_path / "hf"), jax.device_get(params), CFG)  # its vocabulary and context
+    out = gcs_bucket + "/bench/serve.json"
+    rc = main(["bench", "serve", "--url", url, "--checkpoint", str(tmp_path / "hf"), "--num-prompts", "8",
+               "--concurrency", "4", "--prompt-len", "16", "--output-len", "8", "--min-output", "4",
+               "--max-output", "16", "--warmup", "0", "--slo-tpot", "1e6", "--out", out])
+    assert rc == 0, capsys.readouterr()
+    report = json.loads(paths.read_text(out))
+    r = report["results"]["server"]
+    assert (r["completed"], r["errors"], r["output_tokens"]) == (8, 0, report["workload"]["output_tokens"])
+    assert r["goodput"] == pytest.approx(r["request_throughput"]) and r["itl"]["p50_ms"] > 0
+    assert idle(server)
+
+
 @pytest.mark.slow
 def test_sigterm_under_load_stops_admitting_finishes_in_flight_and_exits_0(params, tmp_path):
     import signal

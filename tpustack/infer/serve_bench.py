@@ -3,8 +3,9 @@
 Modes: `engine` (continuous batching in this process) or `server` (--url: a running
 `tpustack serve`, streamed over HTTP), then `static` (pad-to-longest batches of the decode
 loop) and `hf` (transformers' generate) on the same weights. Each mode first runs the
-workload `--warmup` times untimed, so the timed pass compiles nothing (static batches
-report any shape they still compiled). Greedy outputs are compared per request: engine vs
+workload `--warmup` times untimed, with other tokens, so the timed pass compiles nothing
+and finds none of its prompts in the prefix cache (each mode reports the shapes it still
+compiled; transformers warms up on one batch: torch compiles nothing). Greedy outputs are compared per request: engine vs
 static must agree on the first token of at least AGREEMENT_FLOOR of the requests (the
 same library on the same weights; later tokens may part at a near-tie), and the share of
 equal outputs and of the common prefix is reported for every pair that has tokens.
@@ -13,6 +14,7 @@ equal outputs and of the common prefix is reported for every pair that has token
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -74,10 +76,14 @@ def engine_config(args: argparse.Namespace, context: int, workload) -> EngineCon
                         prefix_caching=not args.no_prefix_caching, cache_dtype=args.cache_dtype)
 
 
-def _timed(run, workload, warmup: int, vocab: int):
-    """run(workload) after `warmup` untimed passes over workloads of the same shape (they compile)."""
+def _timed(run, workload, warmup: int, vocab: int, head: int | None = None):
+    """run(workload) after `warmup` untimed passes over workloads of the same shape (they compile;
+    `head`: only the first requests, where nothing compiles and a pass only warms caches)."""
     for i in range(warmup):
-        run(workload.with_new_tokens(10_000 + i, vocab))
+        warm = workload.with_new_tokens(10_000 + i, vocab)
+        run(warm if head is None else dataclasses.replace(warm, prompts=warm.prompts[:head],
+                                                          max_tokens=warm.max_tokens[:head],
+                                                          arrivals=[0.0] * min(head, len(warm))))
     return run(workload)
 
 
@@ -112,7 +118,7 @@ def bench_serve(args: argparse.Namespace) -> int:
     if args.peer == "hf":
         model = hf_model(cfg, params)
         records["hf"], extras["hf"] = _timed(lambda w: run_hf(model, w, batch, conc), workload, args.warmup,
-                                             cfg.vocab_size)
+                                             cfg.vocab_size, head=batch)  # torch compiles nothing
     results = {mode: summarize(recs, args.slo_ttft, args.slo_tpot) for mode, recs in records.items()}
     first = next(iter(records))
     agree = {f"{first}_vs_{mode}": agreement(records[first], records[mode]) for mode in list(records)[1:]}
