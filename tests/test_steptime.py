@@ -72,6 +72,16 @@ def test_hand_computed_step_time_and_its_breakdown():
     assert st.mfu == pytest.approx(st.model_flops / (st.seconds * v5p.peak_flops))
 
 
+def test_loop_trips_read_off_the_counter_step():
+    # XLA TPU's windowed einsum loops compare i < 4 but add 2 to i per trip: 2 trips, not 4
+    stepped = HLO.replace("ROOT %r = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%i, %x, %w)",
+                          "%two = s32[] constant(2)\n  %next = s32[] add(%i, %two)\n"
+                          "  ROOT %r = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%next, %x, %w)")
+    assert stepped != HLO
+    assert [o.runs for o in hlo_ops(stepped) if o.opcode == "dot"] == [2]
+    assert [o.runs for o in hlo_ops(HLO) if o.opcode == "dot"] == [4]
+
+
 def test_analytic_breakdown_sums_and_bandwidths():
     cfg = load_config("configs/llama2_7b.py", {"train.batch_size": "256"})
     mesh = {"data": 1, "stage": 1, "fsdp": 64, "tensor": 1}
