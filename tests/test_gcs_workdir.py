@@ -140,18 +140,19 @@ def test_eval_generate_and_export_from_gs(resumed, reference, gcs_bucket):
     # export to another bucket, then load it back from there through the one loader
     hf = paths.join(gcs_bucket, "export", "hf")
     listed = tpustack("export", "--checkpoint", workdir, "--format", "hf", "--out", hf).stdout.split()
-    assert listed == [paths.join(hf, "config.json"), paths.join(hf, "model.safetensors")]  # byte tokenizer
+    assert listed == [paths.join(hf, f) for f in ("config.json", "model.safetensors", "generation_config.json",
+                                                  "tokenizer.json", "tokenizer_config.json")]  # byte tokenizer
     assert json.loads(paths.read_text(listed[0]))["num_hidden_layers"] == 2
     cfg, params, tok = load_weights(hf)
-    assert tok is None and not cfg.scan_layers
+    assert tok.encode("héllo").tolist() == list("héllo".encode()) and not cfg.scan_layers
     assert_same_params(jax.device_get(params), reference[1])
     np.testing.assert_array_equal(logits(hf), logits(reference[0]))
-    # generate from the gs:// workdir and from the gs:// export: the same tokens (only the
-    # workdir knows its byte tokenizer, which has no tokenizer.json to export)
+    # generate from the gs:// workdir and from the gs:// export: the same tokens and text (the
+    # byte tokenizer travels as a tokenizer.json)
     gen = ["--prompt-ids", "100,101,102", "--max-new-tokens", "6", "--temperature", "0.8", "--json"]
     outs = [json.loads(tpustack("generate", "--checkpoint", c, *gen).stdout.splitlines()[-1]) for c in (workdir, hf)]
     assert outs[0]["ids"] == outs[1]["ids"] and len(outs[0]["ids"]) == 6
-    assert outs[0]["text"] is not None and outs[1]["text"] is None
+    assert outs[0]["text"] is not None and outs[1]["text"] == outs[0]["text"]
 
 
 @pytest.mark.slow
