@@ -65,6 +65,7 @@ class ModelConfig:
     attention_impl: str = "xla"  # xla (einsum) | cudnn | pallas (tpustack.kernels) | auto (pallas on TPU/GPU)
     weight_quant: str = "none"  # none | int8 | int4: weight-only quantized matmuls (serving)
     matmul_impl: str = "auto"  # impl= of the quantized matmul kernels: auto | pallas | xla | reference
+    weight_group: int = 128  # input rows per scale/zero point of weight_quant=int4_zp (tpustack quantize)
     lora_rank: int = 0  # > 0: LoRA adapters of this rank on the lora_targets linears (tpustack finetune)
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_targets: str = "q,k,v,o,gate,up,down"  # comma-separated linears that get adapters (QLoRA: all)

@@ -13,6 +13,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tpustack.checkpoint import Checkpointer
+from tpustack.compress.qformat import read_quantized_config
 from tpustack.config import Config, MeshConfig
 from tpustack.data import Batcher, load_tokenizer, load_tokens
 from tpustack.errors import UserError
@@ -32,11 +33,16 @@ def mean_loss(eval_step: Callable[[Any, dict], dict], params: Any, batcher: Batc
 def heldout_loss(workdir: str, num_batches: int | None = None, mesh: Mesh | None = None) -> tuple[Config, float]:
     """Held-out loss of a workdir's latest checkpoint, params sharded over `mesh` (default:
     FSDP over every device), with the data and batch shape it was trained with."""
-    if weights_kind(workdir) != "workdir":
-        raise UserError(f"--workdir {workdir!r}: eval needs a tpustack workdir (its config names the data)")
-    ckpt = Checkpointer(workdir, read_only=True)
-    config = ckpt.config()
-    ckpt.close()
+    kind = weights_kind(workdir)
+    if kind == "quantized":  # a `tpustack quantize` directory keeps its run's config
+        config = read_quantized_config(workdir)
+    elif kind != "workdir":
+        raise UserError(f"--workdir {workdir!r}: eval needs a tpustack workdir or a quantized directory "
+                        f"(its config names the data)")
+    else:
+        ckpt = Checkpointer(workdir, read_only=True)
+        config = ckpt.config()
+        ckpt.close()
     mesh = mesh or make_mesh(MeshConfig(rules=config.mesh.rules))
     rules = rules_for(config.mesh.rules)
     cfg, params, _ = load_weights(workdir, mesh, config.mesh.rules)

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from tpustack import paths
 from tpustack.checkpoint import Checkpointer, checkpoint_dir
+from tpustack.compress.qformat import is_quantized_dir, read_quantized
 from tpustack.config import ModelConfig
 from tpustack.data import load_tokenizer
 from tpustack.errors import UserError
@@ -37,10 +38,12 @@ class Weights(NamedTuple):
 
 
 def weights_kind(path: str) -> str:
-    """'workdir' (WORKDIR/checkpoints), 'orbax' (an orbax serving export), 'hf' (config.json +
-    *.safetensors) or 'gguf' (a .gguf file); else a UserError."""
+    """'workdir' (WORKDIR/checkpoints), 'orbax' (an orbax serving export), 'quantized' (tpustack
+    quantize --out), 'hf' (config.json + *.safetensors) or 'gguf' (a .gguf file); else a UserError."""
     if path.endswith(".gguf") and paths.isfile(path):
         return "gguf"
+    if is_quantized_dir(path):
+        return "quantized"
     if paths.isdir(checkpoint_dir(path)):
         return "workdir"
     if is_orbax_export(path):
@@ -89,8 +92,8 @@ def _read_gguf(path: str) -> tuple[ModelConfig, dict, Any]:
 
 
 def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") -> Weights:
-    """(ModelConfig, params, tokenizer) of a workdir's latest checkpoint, an HF directory or a GGUF file
-    (dequantized to f32)."""
+    """(ModelConfig, params, tokenizer) of a workdir's latest checkpoint, a quantized directory, an HF
+    directory or a GGUF file (dequantized to f32)."""
     kind = weights_kind(path)
     if kind == "workdir":
         ckpt = Checkpointer(path, read_only=True)
@@ -101,6 +104,10 @@ def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") ->
             ckpt.close()
         params, cfg = _unroll(params, config.model)
         return Weights(cfg, params, load_tokenizer(config.data.tokenizer))
+    if kind == "quantized":  # codes and scales as saved; the model runs them (model.weight_quant)
+        config, host_params, _ = read_quantized(path)
+        params = jax.device_put(host_params, _shardings(config.model, mesh, rules))
+        return Weights(config.model, params, load_tokenizer(config.data.tokenizer))
     if kind == "orbax":  # read straight into the shardings, whatever mesh wrote it
         return Weights(*load_orbax_export(path, lambda cfg: _shardings(cfg, mesh, rules)))
     if kind == "gguf":

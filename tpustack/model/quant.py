@@ -13,6 +13,11 @@ tree; the embedding and norms stay in float.
   [KN/2] u8, `<name>_nf4_absmax_codes` [KN/64] u8, `<name>_nf4_absmax_scale` [KN/16384] f32,
   `<name>_nf4_absmax_offset` [1] f32. No kernel takes NF4: it is dequantized on the fly
   (inside jit, per matmul) and multiplied in x's dtype; gradients flow to x only.
+  int4_zp: group-wise asymmetric 3/4-bit (RTN, GPTQ, AWQ; tpustack.compress): `<name>_codes`
+  [K/2, N] int8 in the int4 kernel's packed layout holding q - 8 (q in [0, 2^bits - 1]),
+  `<name>_scale` [K/g, N] f32, `<name>_zero` [K/g, N] u8, g = model.weight_group;
+  w = (q - zero) * scale. With g = 128 and K % 256 == 0 it runs on int4_matmul plus a
+  [M, K/g] @ [K/g, N] zero-point correction; other shapes are dequantized by XLA.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from flax import linen as nn
 from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes, quantize_nf4
 from tpustack.kernels import int4_matmul, int8_matmul, quantize_int4, quantize_int8
 
-WEIGHT_QUANT = ("none", "int8", "int4", "nf4")
+WEIGHT_QUANT = ("none", "int8", "int4", "nf4", "int4_zp")
 _MATMUL_WEIGHTS = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
 
 
@@ -41,6 +46,8 @@ def quantized_dense(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[
         w_KN = nf4_weight(module, name, k, n)
         y = x.reshape(-1, k) @ jax.lax.stop_gradient(w_KN).astype(x.dtype)
         return y.reshape(*lead, *out_shape).astype(x.dtype)
+    if cfg.weight_quant == "int4_zp":
+        return zero_point_matmul(module, name, x.reshape(-1, k), k, n, names, cfg).reshape(*lead, *out_shape)
     if cfg.weight_quant == "int8":
         w = module.param(f"{name}_int8", nn.with_logical_partitioning(zeros, names), (k, n), jnp.int8)
         scale = module.param(f"{name}_scale", nn.with_logical_partitioning(nn.initializers.ones, names[1:]),
@@ -53,6 +60,27 @@ def quantized_dense(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[
         matmul = int4_matmul
     y = matmul(x.reshape(-1, k), w, scale, impl=cfg.matmul_impl)
     return y.reshape(*lead, *out_shape).astype(x.dtype)
+
+
+def zero_point_matmul(module: nn.Module, name: str, x_MK: jax.Array, k: int, n: int,
+                      names: tuple[str | None, str | None], cfg) -> jax.Array:
+    """x @ ((q - zero) * scale) for the int4_zp params of one [K, N] linear."""
+    g = cfg.weight_group
+    codes = module.param(f"{name}_codes", nn.with_logical_partitioning(nn.initializers.zeros, names),
+                         (k // 2, n), jnp.int8)
+    scale_GN = module.param(f"{name}_scale", nn.with_logical_partitioning(nn.initializers.ones, (None, names[1])),
+                            (k // g, n), jnp.float32)
+    zero_GN = module.param(f"{name}_zero", nn.with_logical_partitioning(nn.initializers.zeros, (None, names[1])),
+                           (k // g, n), jnp.uint8)
+    offset_GN = (8.0 - zero_GN.astype(jnp.float32)) * scale_GN  # w = (q-8)*scale + (8-zero)*scale
+    if g == 128 and k % 256 == 0:
+        y = int4_matmul(x_MK, codes, scale_GN, impl=cfg.matmul_impl)
+        xsum_MG = x_MK.astype(jnp.float32).reshape(-1, k // g, g).sum(axis=-1)
+        return (y.astype(jnp.float32) + xsum_MG @ offset_GN).astype(x_MK.dtype)
+    p = codes.astype(jnp.int32)
+    signed_KN = jnp.concatenate([(p << 28) >> 28, p >> 4], axis=0).astype(jnp.float32)
+    w_KN = signed_KN * jnp.repeat(scale_GN, g, axis=0) + jnp.repeat(offset_GN, g, axis=0)
+    return (x_MK @ w_KN.astype(x_MK.dtype)).astype(x_MK.dtype)
 
 
 def nf4_weight(module: nn.Module, name: str, k: int, n: int) -> jax.Array:
