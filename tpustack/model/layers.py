@@ -17,6 +17,8 @@ from flax import linen as nn
 
 from tpustack.config import ModelConfig
 from tpustack.kernels import decode_attention, flash_attention
+from tpustack.model.fp8 import COLLECTION as FP8_COLLECTION
+from tpustack.model.fp8 import fp8_dense
 from tpustack.model.quant import quantized_dense
 
 
@@ -66,7 +68,10 @@ def linear(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...]
     flat_names = (names[0], names[len(in_shape)])  # [K, N]: the leading name of each side
     if cfg.weight_quant == "none":
         w = param(module, name, (*in_shape, *out_shape), names, cfg, std=std)
-        y = dense(x, w, contract=len(in_shape))
+        if module.has_variable(FP8_COLLECTION, name):  # train.precision=fp8: the train step passes the scales
+            y = fp8_dense(module, name, x, w, contract=len(in_shape))
+        else:
+            y = dense(x, w, contract=len(in_shape))
     else:
         y = quantized_dense(module, name, x, in_shape, out_shape, flat_names, cfg)
     if cfg.lora_rank and name in cfg.lora_targets.split(","):

@@ -92,7 +92,7 @@ class Decoder(nn.Module):
                 new_cache.append(layer_cache)
             cache = tuple(new_cache)
         elif cfg.scan_layers:
-            layers = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+            layers = nn.scan(ScannedBlock, variable_axes={"params": 0, "fp8": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
             if pipelined:

@@ -29,6 +29,8 @@ from tpustack.mesh import global_batch  # noqa: F401 - re-exported: scripts buil
 from tpustack.mesh import (batch_sharding, check_divisible, mesh_context, param_shardings, rules_for,
                            zero_shardings, zero_specs)
 from tpustack.model import Decoder, abstract_params, cross_entropy, loss_sums
+from tpustack.model.fp8 import COLLECTION as FP8_COLLECTION
+from tpustack.model.fp8 import init_fp8_state
 from tpustack.train.distill import distillation_loss
 from tpustack.train.optim import learning_rate_schedule, make_optimizer
 from tpustack.train.pipeline import Pipeline
@@ -41,6 +43,13 @@ class TrainState:
     params: Any
     opt_state: Any
     loss_scale: LossScale
+
+
+@struct.dataclass
+class Fp8TrainState(TrainState):
+    """train.precision=fp8: also the amax histories of every linear (tpustack.model.fp8)."""
+
+    fp8: Any = None
 
 
 @struct.dataclass
@@ -67,8 +76,11 @@ def _mesh_stages() -> int:
 def _boxed_state(config: Config, rng: jax.Array) -> TrainState:
     """The state with params and Adam moments still boxed with their logical axis names."""
     params = Decoder(config.model).init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
-    return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                      opt_state=make_optimizer(config.train).init(params), loss_scale=LossScale.create(config.train))
+    fields = dict(step=jnp.asarray(0, jnp.int32), params=params,
+                  opt_state=make_optimizer(config.train).init(params), loss_scale=LossScale.create(config.train))
+    if config.train.precision == "fp8":
+        return Fp8TrainState(**fields, fp8=init_fp8_state(params))
+    return TrainState(**fields)
 
 
 def init_state(config: Config, rng: jax.Array) -> TrainState:
@@ -109,9 +121,11 @@ def grad_specs(config: Config) -> Any:
 
 
 def loss_fn(config: Config, params: Any, batch: dict, scale: jax.Array, num_tokens: int,
-            teacher: Teacher | None = None) -> tuple[jax.Array, jax.Array]:
-    """(scaled loss, loss) of a (micro)batch: cross-entropy, or config.distill's loss with a teacher."""
-    logits_BTV = decoder(config, _mesh_stages()).apply({"params": params}, batch["inputs"])
+            teacher: Teacher | None = None, fp8: Any = None) -> tuple[jax.Array, jax.Array]:
+    """(scaled loss, loss) of a (micro)batch: cross-entropy, or config.distill's loss with a teacher.
+    With `fp8` (amax histories) the linears run fp8 matmuls."""
+    variables = {"params": params} if fp8 is None else {"params": params, FP8_COLLECTION: fp8}
+    logits_BTV = decoder(config, _mesh_stages()).apply(variables, batch["inputs"])
     if teacher is None:
         total, _ = cross_entropy(logits_BTV, batch["targets"])
         loss = total / num_tokens
@@ -131,29 +145,34 @@ def _microbatches(batch: dict, accum: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulated_grads(config: Config, params: Any, batch: dict, scale: jax.Array,
-                      teacher: Teacher | None = None) -> tuple[jax.Array, Any]:
-    """(mean loss, scaled gradients) over config.train.grad_accum microbatches."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, config), has_aux=True)
+def accumulated_grads(config: Config, params: Any, batch: dict, scale: jax.Array, teacher: Teacher | None = None,
+                      fp8: Any = None) -> tuple[jax.Array, Any, Any]:
+    """(mean loss, scaled gradients, next fp8 amax histories or None) over config.train.grad_accum
+    microbatches. The histories come back as the "gradient" of the fp8 state (model/fp8.py);
+    over microbatches their max is the history with the step's largest amax in front."""
+    grad_fn = jax.value_and_grad(lambda pf, *a: loss_fn(config, pf[0], *a, fp8=pf[1]), has_aux=True)
     num_tokens, accum = batch["targets"].size, config.train.grad_accum
     if accum == 1:
-        (_, loss), grads = grad_fn(params, batch, scale, num_tokens, teacher)
-        return loss, grads
+        (_, loss), (grads, new_fp8) = grad_fn((params, fp8), batch, scale, num_tokens, teacher)
+        return loss, grads, new_fp8
 
     def body(carry, mb):
-        g_acc, l_acc = carry
-        (_, l), g = grad_fn(params, mb, scale, num_tokens, teacher)
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+        g_acc, l_acc, h_acc = carry
+        (_, loss_mb), (g, h) = grad_fn((params, fp8), mb, scale, num_tokens, teacher)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_mb, jax.tree.map(jnp.maximum, h_acc, h)), None
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), _microbatches(batch, accum))
-    return loss, grads
+    no_amax = jax.tree.map(jnp.zeros_like, fp8)  # histories are >= 0: max with these keeps the new one
+    (grads, loss, new_fp8), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), no_amax),
+                                             _microbatches(batch, accum))
+    return loss, grads, new_fp8
 
 
 def train_step(config: Config, state: TrainState, batch: dict,
                teacher: Teacher | None = None) -> tuple[TrainState, dict]:
     """One optimizer step: gradients (accumulated, loss-scaled), AdamW, the loss-scale update."""
     scale = state.loss_scale.scale
-    loss, grads = accumulated_grads(config, state.params, batch, scale, teacher)
+    fp8 = state.fp8 if isinstance(state, Fp8TrainState) else None
+    loss, grads, new_fp8 = accumulated_grads(config, state.params, batch, scale, teacher, fp8)
     grads = jax.lax.with_sharding_constraint(grads, grad_specs(config))
     grads = jax.tree.map(lambda g: g / scale, grads)
     finite = all_finite(grads)
@@ -168,8 +187,10 @@ def train_step(config: Config, state: TrainState, batch: dict,
     # old params and moments alive next to the new ones, so XLA copied every donated
     # Adam moment first (the update took ~1.9x as long on CPU).
     new_params, new_opt = jax.lax.cond(finite, apply, lambda p, o: (p, o), state.params, state.opt_state)
-    new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt,
-                           loss_scale=state.loss_scale.update(finite))
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt,
+                              loss_scale=state.loss_scale.update(finite))
+    if fp8 is not None:
+        new_state = new_state.replace(fp8=new_fp8)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": learning_rate_schedule(config.train)(state.step), "loss_scale": scale, "grads_finite": finite}
     return new_state, metrics
