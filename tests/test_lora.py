@@ -32,7 +32,7 @@ def random_adapters(cfg: ModelConfig, seed: int = 1) -> dict:
 
 
 def logits(cfg: ModelConfig, params: dict) -> np.ndarray:
-    return np.asarray(Decoder(cfg).apply({"params": params}, TOKENS))
+    return np.asarray(jax.jit(lambda p: Decoder(cfg).apply({"params": p}, TOKENS))(params))
 
 
 def save_workdir(path: str, cfg: ModelConfig, params: dict) -> None:
@@ -69,11 +69,30 @@ def test_adapter_model_equals_merged_weights_computed_in_numpy():
     np.testing.assert_allclose(logits(plain, ours), want, atol=2e-5)
 
 
-def test_finetune_trains_adapters_only_and_merges(tmp_path):
+def test_nf4_base_merges_into_its_dequantized_weights():
+    from tpustack.model.quant import quantize_params
+
+    base = init_weights(CFG).params
+    cfg = dataclasses.replace(lora.lora_config(CFG, rank=4, alpha=8.0, targets="q,k,v,o,gate,up,down"),
+                              weight_quant="nf4")
+    params = lora.join_params(quantize_params(base, "nf4"), random_adapters(cfg))
+    want = logits(cfg, params)
+    plain, merged = lora.merge_adapters(cfg, params)
+    assert plain.weight_quant == "none"
+    np.testing.assert_allclose(logits(plain, merged), want, atol=2e-5)
+    # the NF4 base is not the float one: 4-bit levels, within a block's absmax / 8 of it
+    w, q = np.asarray(base["layer_1"]["attn"]["o"]), np.asarray(merged["layer_1"]["attn"]["o"])
+    delta = np.asarray(params["layer_1"]["attn"]["o_lora_a"]) @ np.asarray(params["layer_1"]["attn"]["o_lora_b"])
+    err = np.abs(q - 2.0 * delta.reshape(w.shape) - w)
+    assert 0 < err.max() < np.abs(w).max() / 4
+
+
+def test_qlora_finetune_trains_adapters_only_and_merges(tmp_path):
     base_dir, work, merged = str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "merged")
     save_workdir(base_dir, CFG, init_weights(CFG).params)
-    opts = FinetuneOptions(checkpoint=base_dir, workdir=work, rank=2, alpha=4.0, steps=12, batch_size=4,
-                           seq_len=32, lr=1e-2, warmup_steps=2, eval_batches=2, save_every=6, merge_out=merged)
+    opts = FinetuneOptions(checkpoint=base_dir, workdir=work, rank=2, alpha=4.0, base_quant="nf4", steps=12,
+                           batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_batches=2, save_every=6,
+                           merge_out=merged)
     record = finetune(opts, quiet=True)
     assert record["heldout_loss_end"] < record["heldout_loss_start"] - 0.05, record
     assert json.load(open(os.path.join(work, "lora.json")))["heldout_loss_end"] == record["heldout_loss_end"]
@@ -81,6 +100,7 @@ def test_finetune_trains_adapters_only_and_merges(tmp_path):
     assert 12 * record["lora_params"] <= record["lora_trainable_bytes"] <= 12 * record["lora_params"] + 64
     assert record["full_trainable_bytes"] >= 12 * record["model_params"]
     cfg, base, adapters = load_finetuned(work)
+    assert cfg.weight_quant == "nf4" and base["layer_0"]["attn"]["q_nf4_codes"].dtype == np.uint8
     assert all(lora.is_adapter(p[-1].key) for p, _ in jax.tree_util.tree_leaves_with_path(adapters))
     loaded = load_weights(merged)
     assert loaded.cfg.lora_rank == 0
@@ -108,3 +128,17 @@ def test_peft_loads_the_export_onto_the_hf_base_with_equal_logits(tmp_path):
     ours = logits(cfg, lora.join_params(base, adapters))
     assert np.abs(ours - logits(CFG, base)).max() > 0.05
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora-rank", "0"], "--lora-rank 0: must be >= 1"),
+    (["--targets", "q,lm_head"], "config.model.lora_targets: 'q,lm_head'"),
+])
+def test_finetune_user_errors_exit_2(flags, message, tmp_path, capsys):
+    from tpustack.cli import main
+
+    base_dir = str(tmp_path / "base")
+    save_workdir(base_dir, CFG, init_weights(CFG).params)
+    code = main(["finetune", "--checkpoint", base_dir, "--workdir", str(tmp_path / "ft"), "--seq-len", "32", *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
