@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run (H100/H200, jax 0.11.x, no network): check every GPU kernel against its
 # reference, then time them against cuDNN / XLA / jax's bundled Pallas attention.
-# At most ~8 minutes; logs and JSON under $OUT (the JSON is rewritten after every
+# At most ~10 minutes (8 for the kernels, 2 for fp8 vs bf16 training: fp8_train.py);
+# logs and JSON under $OUT (the JSON is rewritten after every
 # measurement, so a timeout keeps what was measured); the ratio table prints last.
 # Exit status is bench.py's: 0 all checks passed, 1 a check (or one of our kernels) failed,
 # 2 no GPU without --dry-run, 124 killed by the timeout.
@@ -37,5 +38,14 @@ if [ "$rc" = 124 ]; then
   echo "run.sh: bench.py killed after 470 s; the JSON in $OUT holds what it measured" | tee -a "$OUT/bench.log" >&2
 elif [ "$rc" != 0 ]; then
   echo "run.sh: bench.py exited $rc (see the reasons above and $OUT/bench.log)" >&2
+fi
+# fp8 training against bf16 (train.precision=fp8): needs the whole tpustack's dependencies.
+FP8_ARGS=()
+for a in "$@"; do if [ "$a" = --dry-run ]; then FP8_ARGS+=(--dry-run); fi; done
+if "$PY" -c "import flax, optax, orbax.checkpoint, ml_collections" 2>/dev/null; then
+  timeout 120 "$PY" benchmarks/gpu/fp8_train.py --out "$OUT" ${FP8_ARGS[@]+"${FP8_ARGS[@]}"} 2>&1 | tee "$OUT/fp8_train.log" \
+    || echo "run.sh: fp8_train.py failed or timed out (see $OUT/fp8_train.log)" >&2
+else
+  echo "run.sh: fp8_train.py skipped: flax / optax / orbax / ml_collections not installed" | tee "$OUT/fp8_train.log" >&2
 fi
 exit "$rc"
