@@ -117,6 +117,9 @@ def test_int4_zp_decoder_equals_float_decoder_on_dequantized_weights(group):
     q = {"q": unpack_codes(qparams["lm_head_codes"]), "scale": qparams["lm_head_scale"],
          "zero": qparams["lm_head_zero"]}
     deq["lm_head"] = dequantize_grouped(q)
+    from tpustack.interop.gguf import dequantized  # what a GGUF export of the checkpoint starts from
+    for a, b in zip(jax.tree.leaves(dequantized(qparams, qcfg)[0]), jax.tree.leaves(deq)):
+        np.testing.assert_array_equal(a, np.asarray(b, np.float32))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 128)
     got = Decoder(qcfg).apply({"params": qparams}, tokens)
     ref = Decoder(cfg).apply({"params": deq}, tokens)

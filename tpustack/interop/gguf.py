@@ -35,6 +35,7 @@ from flax import linen as nn
 
 from tpustack import paths
 from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes
+from tpustack.compress.rtn import dequantize_grouped, unpack_codes
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
 from tpustack.interop.gguf_vocab import _field, add_vocab, read_vocab
@@ -55,7 +56,7 @@ TENSOR_TYPES = {
 # 16 levels a group of 128 (int4) or normal-float levels a block of 64 (nf4) do not land on
 # Q4_0's 16 even levels a block of 32, so a 4-bit checkpoint loses about as much again.
 # --type q8_0 keeps a 4-bit checkpoint within 0.5% at twice the size.
-NEAREST_TYPE = {"int8": "q8_0", "int4": "q4_0", "nf4": "q4_0"}
+NEAREST_TYPE = {"int8": "q8_0", "int4": "q4_0", "nf4": "q4_0", "int4_zp": "q4_0"}  # int4_zp: 3/4-bit RTN/GPTQ/AWQ
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
               "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}
@@ -158,7 +159,7 @@ def quantize_q4_k(src: str, dst: str) -> None:
 
 
 def dequantized(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
-    """A weight-only quantized tree (model.weight_quant int8 | int4 | nf4; unrolled) -> its f32 weights."""
+    """A weight-only quantized tree (model.weight_quant int8 | int4 | nf4 | int4_zp; unrolled) -> its f32 weights."""
     mode = cfg.weight_quant
     if mode not in NEAREST_TYPE:
         raise UserError(f"model.weight_quant={mode!r}: GGUF export reads {', '.join(NEAREST_TYPE)} checkpoints")
@@ -187,6 +188,9 @@ def _dequantize_KN(tree: dict, key: str, mode: str, k: int, n: int) -> Any:
         return tree[f"{key}_int8"].astype(np.float32) * tree[f"{key}_scale"][None, :]
     if mode == "int4":
         return dequantize_int4(tree[f"{key}_int4"], tree[f"{key}_scale"])
+    if mode == "int4_zp":
+        return dequantize_grouped({"q": unpack_codes(np.asarray(tree[f"{key}_codes"])), "scale": tree[f"{key}_scale"],
+                                   "zero": tree[f"{key}_zero"]})
     return dequantize_nf4({part: tree[f"{key}_nf4_{part}"] for part in nf4_shapes(k * n)}, (n, k)).T
 
 
