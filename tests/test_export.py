@@ -235,3 +235,17 @@ def test_orbax_export_to_and_from_a_bucket(gcs_bucket):
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_hf_export_refuses_quantized_params(tmp_path):
+    import dataclasses
+
+    from tpustack.errors import UserError
+    from tpustack.export import export_hf
+    from tpustack.model.quant import quantize_params
+
+    weights = _noisy_weights(ByteTokenizer())
+    quantized = weights._replace(cfg=dataclasses.replace(weights.cfg, weight_quant="int8"),
+                                 params=quantize_params(weights.params, "int8"))
+    with pytest.raises(UserError, match="int8-quantized.*--format orbax"):
+        export_hf(quantized, str(tmp_path / "hf"))

@@ -27,6 +27,9 @@ def export_hf(weights: Weights, out: str, tensor_type: str | None = None) -> lis
     the tokenizer files and the chat template (see write_tokenizer_files)."""
     if tensor_type not in (None, "f32"):
         raise UserError(f"--type {tensor_type!r}: the hf format writes f32")
+    if weights.cfg.weight_quant != "none":
+        raise UserError(f"--checkpoint: its params are {weights.cfg.weight_quant}-quantized; the hf format "
+                        f"writes float weights: export the float checkpoint, or use --format orbax")
     tok = weights.tokenizer
     bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (None, None)
     save_hf_checkpoint(out, weights.params, weights.cfg, bos, eos)
