@@ -9,9 +9,10 @@ ZeRO-3 FSDP over every chip, the Pallas flash kernel) with tpustack.plan.steptim
 
 - analytic: at the published size (no compile);
 - hlo (--compile): the real TPU compiler's program for a proxy with the same per-chip
-  shapes (width, heads, batch per chip, sequence) but `--layers` layers on a 64-chip slice
-  (a 256-chip 80-layer compile does not finish on this machine); the HLO's time per layer
-  and per step outside the layers are read off two depths and extrapolated to the full depth.
+  shapes (width, heads, batch per chip, sequence) but 2 and 4 layers on an 8-chip slice
+  (a 256-chip 80-layer compile does not finish on this machine), priced on the row's own
+  topology; the time per layer and outside the layers are read off the two depths and
+  extrapolated to the full depth.
 
 MaxText counts causal attention at half its FLOPs (tiering.md note [2]); tpustack.metrics
 does not. To compare like with like the predicted MFU here is the published MFU scaled by
@@ -75,19 +76,33 @@ def predict(row) -> dict:
             "analytic": {**st.as_dict(), "tokens_per_s_chip": ours_tps, "mfu_maxtext_count": mfu * ours_tps / tps}}
 
 
-def hlo_proxy(row, depths=(2, 4)) -> dict:
-    """The HLO-based prediction of a row from two shallow compiles on a 64-chip slice."""
+def proxy_hlo_path(layers: int) -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"maxtext_proxy_{layers}.hlo.gz")
+
+
+def hlo_proxy(row, depths=(2, 4), proxy_chips: int = 8, compile_: bool = True) -> dict:
+    """The HLO-based prediction of a row: two shallow compiles with the row's per-chip shapes
+    on a `proxy_chips` slice (kept as /tmp/maxtext_proxy_L.hlo.gz; compile_=False reprices
+    the kept ones), priced on the row's own topology (its ICI rings), and extrapolated per
+    layer to the full depth."""
+    import gzip
+
     from tpustack.plan import steptime
     from tpustack.train.aot import compile_check
 
     name, mfu, tps, chip, chips, path, ov, per_chip, remat = row
-    topo = steptime.default_topology(chip, 64)
+    topo, target = steptime.default_topology(chip, proxy_chips), steptime.default_topology(chip, chips)
     got = {}
     for layers in depths:
-        r = compile_check(our_config(path, ov, 64, per_chip, remat, layers), topo)
-        if not r["compiled"]:
-            return {"topology": topo, "error": r.get("xla_error", "did not compile")}
-        got[layers] = r["step_time"]
+        cfg = our_config(path, ov, proxy_chips, per_chip, remat, layers)
+        if compile_:
+            r = compile_check(cfg, topo, hlo_path=proxy_hlo_path(layers))
+            if not r["compiled"]:
+                return {"topology": topo, "error": r.get("xla_error", "did not compile")}
+        with gzip.open(proxy_hlo_path(layers), "rt") as f:
+            got[layers] = steptime.from_hlo(f.read(), cfg, target, proxy_chips).as_dict()
     full = int(our_config(path, ov, chips, per_chip, remat).model.num_layers)
     a, b = depths
     out = {}
@@ -96,7 +111,7 @@ def hlo_proxy(row, depths=(2, 4)) -> dict:
         out[k] = got[a][k] + (full - a) * per_layer
     seq = int(ov["train.seq_len"])
     ours_tps = per_chip * seq / out["step_s"]
-    return {"topology": topo, "depths": got, **out, "tokens_per_s_chip": ours_tps,
+    return {"compiled_on": topo, "priced_on": target, "depths": got, **out, "tokens_per_s_chip": ours_tps,
             "mfu_maxtext_count": mfu * ours_tps / tps}
 
 
@@ -104,6 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="also the HLO-based prediction (slow)")
     ap.add_argument("--only", default="", help="substring of the row names")
+    ap.add_argument("--reprice", action="store_true", help="the HLO-based prediction from the kept proxy HLO")
     args = ap.parse_args()
     old = {}
     if os.path.exists(OUT):
@@ -115,8 +131,8 @@ def main() -> None:
                 rows.append(old[row[0]])
             continue
         r = predict(row)
-        if args.compile:
-            r["hlo"] = hlo_proxy(row)
+        if args.compile or args.reprice:
+            r["hlo"] = hlo_proxy(row, compile_=args.compile)
         elif "hlo" in old.get(row[0], {}):
             r["hlo"] = old[row[0]]["hlo"]
         rows.append(r)

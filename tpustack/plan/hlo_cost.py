@@ -13,6 +13,9 @@ Per op:
   A fusion's FLOPs are those of the ops inside it.
 - custom calls (Pallas kernels) carry no FLOPs in the HLO (ours declare no cost
   estimate): 0 here, their bytes as any op's; steptime adds the kernels' FLOPs by formula.
+  A kernel compiled in interpret mode (what `tpustack.kernels` does on a CPU host, the
+  virtual-TPU compile included) is XLA loops over its grid: those ops are marked
+  "interpreted-kernel" with no cost, and steptime prices the kernel by formula.
 - bytes: what the op reads and writes in HBM: its operands and result, except that a fused
   dynamic-slice reads only the slice (a scan step's layer out of the stacked [L, ...]
   weights) and a fused dynamic-update-slice writes only the update in place.
@@ -32,6 +35,10 @@ from tpustack.plan.hlo import KINDS, _array_bytes, computations, run_counts
 
 _LINE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _ARR = re.compile(r"\b(?:f32|bf16|f16|s32|u32|pred|s8|u8|f64|s64)\[([\d,]*)\]")
+# ops of a tpustack.kernels Pallas kernel lowered in interpret mode (flash_fwd_tpu, ...): on
+# a CPU host the kernels interpret unless told otherwise, so a virtual-TPU compile holds the
+# kernel as XLA loops over its grid, not the Mosaic call a TPU runs
+_INTERPRETED = re.compile(r'op_name="(?:[^"]*/)?\w+_tpu/')
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
          "after-all", "partition-id", "replica-id", "opt-barrier", "copy-start", "copy-done", "iota",
          "add-dependency"}
@@ -168,20 +175,43 @@ def hlo_ops(hlo_text: str, count_once: bool = False) -> list[HloOp]:
                 shapes[i.name] = d[0]
             nbytes[i.name] = _array_bytes(i.result)
     executed = _executed(insts)
+    interpreted = _interpreted(insts, executed)
     out = []
     for comp in executed:
         for i in insts.get(comp, []):
+            if comp in interpreted or _INTERPRETED.search(i.args):  # priced by the kernel's formula (steptime)
+                out.append(HloOp(i.name, comp, "interpreted-kernel", 0.0, 0.0, 1 if count_once else counts[comp]))
+                continue
             if i.opcode in _FREE or i.opcode.endswith("-done") or any(i.opcode.startswith(k) for k in KINDS):
                 continue
+            if i.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' not in i.args:
+                continue  # sharding / layout annotations, not work
             if i.opcode == "fusion":
                 called = re.search(r"calls=%?([\w.\-]+)", i.args)
                 body = insts.get(called.group(1), []) if called else []
                 flops = sum(_flops(j, shapes) for j in body)
                 nb = _fusion_bytes(i, body, nbytes)
+            elif i.opcode == "dynamic-update-slice":  # in place: the update is read and written
+                flops, ops_ = 0.0, i.operands()
+                nb = 2 * nbytes.get(ops_[1], 0.0) if len(ops_) > 1 else 0.0
+            elif i.opcode == "dynamic-slice":  # reads the slice only
+                flops, nb = 0.0, 2 * _array_bytes(i.result)
             else:
                 flops = _flops(i, shapes)
                 nb = sum(nbytes.get(o, 0.0) for o in i.operands()) + _array_bytes(i.result)
             out.append(HloOp(i.name, comp, i.opcode, flops, nb, 1 if count_once else counts[comp]))
+    return out
+
+
+def _interpreted(insts: dict[str, list[_Inst]], executed: list[str]) -> set[str]:
+    """Computations that run only inside an interpret-mode kernel (its grid loop and branches)."""
+    out: set[str] = set()
+    for comp in executed:  # callers come before their callees in `executed`
+        for i in insts.get(comp, []):
+            if i.opcode in ("while", "conditional", "call") and (comp in out or _INTERPRETED.search(i.args)):
+                out.update(re.findall(r"(?:body|condition|to_apply)=%?([\w.\-]+)", i.args))
+                for group in re.findall(r"branch_computations=\{([^}]*)\}", i.args):
+                    out.update(re.findall(r"%?([\w.\-]+)", group))
     return out
 
 

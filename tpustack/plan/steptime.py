@@ -104,6 +104,8 @@ def from_hlo(hlo_text: str, config: Config, topology: str, chips: int) -> StepTi
     ops = hlo_ops(hlo_text)
     kernels = sum(op.runs for op in ops if op.opcode == "custom-call")
     per_kernel = kernel_flops(config, chips) / kernels if kernels else 0.0
+    if not kernels and any(op.opcode == "interpreted-kernel" for op in ops):
+        compute += kernel_flops(config, chips) / p  # interpret-mode kernels: their Mosaic work by formula
     for op in ops:
         flops = per_kernel if op.opcode == "custom-call" else op.flops
         tc, tm = flops / p, op.bytes / bw
