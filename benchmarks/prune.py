@@ -54,8 +54,7 @@ def prune_rows(config, cfg, params, tokens, recover_steps: int, recover_lr: floa
             out, masks = prune.prune_model(cfg, params, tokens, method, sparsity, pattern)
             extra = {"prune_s": time.perf_counter() - t0}
             if pattern:
-                packed = sum(prune.packed_bytes(prune.pack_2to4(m * 1.0)) for m in _matrices(cfg, out))
-                extra["packed_bits_per_weight"] = 8 * packed / sum(m.size for m in masks.values())
+                extra["packed_bits_per_weight"] = prune.packed_bits_per_weight(cfg, out)
             rows.append(row(f"{method} {label}", cfg, out, **extra))
     spec = structured.parse_structured("ffn=0.25")
     s_cfg, s_params, _ = structured.prune_structured(cfg, params, tokens, spec)
@@ -67,14 +66,6 @@ def prune_rows(config, cfg, params, tokens, recover_steps: int, recover_lr: floa
         tuned, _ = pruned.recover(pruned.with_model(config, cfg, ""), params, recover_steps, recover_lr)
         rows.append(row(f"dense + {recover_steps} steps (control)", cfg, pruned.as_numpy(tuned)))
     return rows
-
-
-def _matrices(cfg, params):
-    from tpustack.compress.sweep import LINEARS, linear_matrix
-
-    for i in range(cfg.num_layers):
-        for key in LINEARS:
-            yield linear_matrix(params[f"layer_{i}"][key[0]][key[1]], key)
 
 
 def decode_speeds(rows: list[dict], names: list[str], repeats: int, prompt_len: int, new_tokens: int) -> dict:

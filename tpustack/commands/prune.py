@@ -96,9 +96,7 @@ def run(args) -> int:
                                           lambda i: bar.update(1))
         record.update(method=args.method, sparsity=args.sparsity, pattern=args.pattern)
         if pattern == (2, 4):
-            packed = [prune.packed_bytes(prune.pack_2to4(w)) for w in _pruned_matrices(new_cfg, params)]
-            dense = sum(m.size for m in masks.values())
-            record["packed_2to4_bits_per_weight"] = 8 * sum(packed) / dense
+            record["packed_2to4_bits_per_weight"] = prune.packed_bits_per_weight(new_cfg, params)
         suffix = f"_{args.method}_{args.pattern or args.sparsity}"
     bar.close()
     out_config = pruned.with_model(config, new_cfg, suffix)
@@ -114,10 +112,3 @@ def run(args) -> int:
           f"{record['linear_sparsity']:.1%} of the block linears zero")
     return 0
 
-
-def _pruned_matrices(cfg, params):
-    from tpustack.compress.sweep import LINEARS, linear_matrix
-
-    for i in range(cfg.num_layers):
-        for key in LINEARS:
-            yield linear_matrix(params[f"layer_{i}"][key[0]][key[1]], key)

@@ -12,7 +12,7 @@ The embedding, the LM head and the norms are never pruned.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -174,6 +174,17 @@ def packed_bytes(packed: dict[str, Any]) -> int:
     return packed["values"].nbytes + packed["index"].nbytes
 
 
-def bits_per_weight(w_IO: np.ndarray) -> float:
-    """Storage of a 2:4 matrix packed, in bits per dense weight (f32 values: 16 + 1 = 17)."""
-    return 8 * packed_bytes(pack_2to4(w_IO)) / math.prod(w_IO.shape)
+def block_linears(cfg: ModelConfig, params: dict) -> Iterator[np.ndarray]:
+    """Every block linear's weight as [I, O] numpy."""
+    for i in range(cfg.num_layers):
+        for key in LINEARS:
+            yield linear_matrix(params[f"layer_{i}"][key[0]][key[1]], key)
+
+
+def packed_bits_per_weight(cfg: ModelConfig, params: dict) -> float:
+    """Bits per weight of the block linears packed as 2:4 (f32 values: (2 * 32 + 2 * 2) / 4 = 17)."""
+    total = n = 0
+    for w in block_linears(cfg, params):
+        total += packed_bytes(pack_2to4(w))
+        n += math.prod(w.shape)
+    return 8 * total / n
