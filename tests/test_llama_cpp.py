@@ -36,7 +36,7 @@ CFG = ModelConfig(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_
 
 @pytest.fixture(scope="module")
 def trained():
-    """(params, held-out tokens): CFG trained 200 steps of 16 x 64 bytes (~1.9 nats/byte held out)."""
+    """(params, held-out tokens): CFG trained 200 steps of 16 x 64 bytes of the built-in corpus."""
     tokens = load_tokens(DataConfig(max_bytes=1_500_000, heldout_fraction=0.05), ByteTokenizer())
     train_ids = np.asarray(tokens["train"], np.int32)
     model, opt = Decoder(CFG), optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, 200), weight_decay=0.0)

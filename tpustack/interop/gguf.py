@@ -38,7 +38,7 @@ from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes
 from tpustack.compress.rtn import dequantize_grouped, unpack_codes
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
-from tpustack.interop.gguf_vocab import _field, add_vocab, read_vocab
+from tpustack.interop.gguf_vocab import add_vocab, field_value, read_vocab
 from tpustack.interop.hf import params_from_hf_state, params_to_hf_state, tensor_maps
 from tpustack.kernels.reference import dequantize_int4
 from tpustack.model import abstract_params
@@ -221,14 +221,14 @@ def write_gguf(path: str, params: dict, cfg: ModelConfig, tokenizer: Any, tensor
 
 def config_from_gguf(reader: gguf.GGUFReader, vocab_size: int) -> ModelConfig:
     """A ModelConfig from the llama.* keys of a GGUF file."""
-    arch = _field(reader, "general.architecture")
+    arch = field_value(reader, "general.architecture")
     if arch != ARCH:
         raise UserError(f"GGUF general.architecture {arch!r}: only {ARCH!r} is supported")
-    if _field(reader, f"{ARCH}.rope.scaling.type", "none") not in ("none", None):
+    if field_value(reader, f"{ARCH}.rope.scaling.type", "none") not in ("none", None):
         raise UserError("GGUF llama.rope.scaling.type: scaled RoPE is not supported; only default RoPE is")
 
     def key(k: str, default: Any = None) -> Any:
-        value = _field(reader, f"{ARCH}.{k}", default)
+        value = field_value(reader, f"{ARCH}.{k}", default)
         if value is None:
             raise UserError(f"GGUF metadata: {ARCH}.{k} is missing")
         # GGUF floats are f32: the shortest decimal that rounds to it gives back 1e-05, not 9.99e-06
@@ -279,7 +279,7 @@ def read_local(path: str) -> tuple[ModelConfig, dict, Any, str | None]:
             heads = _rope_heads(hf_name, cfg)
             w = tensor_f32(tensors[name])
             state[hf_name] = unpermute_rows(w, heads) if heads else w
-    return cfg, params_from_hf_state(state, cfg), read_vocab(reader), _field(reader, "tokenizer.chat_template")
+    return cfg, params_from_hf_state(state, cfg), read_vocab(reader), field_value(reader, "tokenizer.chat_template")
 
 
 def read_gguf(path: str) -> tuple[ModelConfig, dict, Any, str | None]:

@@ -126,25 +126,26 @@ def chat_template_of(tokenizer: Any) -> str | None:
     return DEFAULT_CHAT_TEMPLATE if isinstance(tokenizer, ByteTokenizer) else None
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+def field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    """A metadata value of a GGUF file (a list for arrays), or `default` when the key is absent."""
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
 
 def read_vocab(reader: gguf.GGUFReader) -> Any:
     """The tokenizer a GGUF file's metadata describes: ByteTokenizer, HFTokenizer, or None when it has none."""
-    model = _field(reader, "tokenizer.ggml.model")
+    model = field_value(reader, "tokenizer.ggml.model")
     if model is None:
         return None
     if model != "gpt2":
         raise UserError(f"GGUF tokenizer.ggml.model {model!r}: only byte-level BPE ('gpt2') is read; "
                         "pass the weights with a tokenizer.json instead")
-    tokens, merges = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.merges", [])
-    types = _field(reader, "tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
-    bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
+    tokens, merges = field_value(reader, "tokenizer.ggml.tokens"), field_value(reader, "tokenizer.ggml.merges", [])
+    types = field_value(reader, "tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
+    bos, eos = field_value(reader, "tokenizer.ggml.bos_token_id"), field_value(reader, "tokenizer.ggml.eos_token_id")
     if tokens[:258] == byte_symbols() + [BOS, EOS] and merges == [_NO_MERGE] and (bos, eos) == (BOS_ID, EOS_ID):
         return ByteTokenizer()
-    pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
+    pre = field_value(reader, "tokenizer.ggml.pre", "gpt-2")
     if pre == "default":
         pre = "gpt-2"
     if pre not in _PRE_TOKENIZERS:
