@@ -86,3 +86,26 @@ def test_bench_serve_bad_flags_are_one_line_errors(capsys):
     assert "--static/--peer with --url: give --checkpoint" in capsys.readouterr().err
     assert main(["bench", "serve", "--rate", "0"]) == 2
     assert "--rate 0.0: must be > 0" in capsys.readouterr().err
+
+
+def test_one_warm_up_pass_compiles_every_shape_the_timed_pass_needs():
+    """bench serve's warm-up: the same workload with other tokens, then nothing compiles (the
+    engine's pages start committed to a device, as its step's outputs are: uncommitted, its
+    first shape compiled twice). A config of its own, so no other test has warmed its step."""
+    import dataclasses
+
+    from tpustack.infer.engine import Engine, EngineConfig
+    from tpustack.infer.load_drivers import run_engine
+
+    cfg = dataclasses.replace(CFG, max_seq_len=96)
+    engine = Engine(cfg, init_weights(cfg).params, EngineConfig(page_size=8, num_pages=64, max_seqs=4,
+                                                                token_budget=32), eos_id=-1)
+    # one at a time: only the first request prefills the shared prefix too (28 tokens: the 32-token
+    # shape, in no other step); the rest hit the cache and prefill 12 (the 16-token shape, as decoding)
+    workload = make_workload(6, cfg.vocab_size, cfg.max_seq_len, seed=4, prompt_mean=12, output_mean=6, sigma=0.0,
+                             output_range=(6, 6), shared_prefix=16)
+    _, warm = run_engine(engine, workload.with_new_tokens(1, cfg.vocab_size), concurrency=1)
+    assert warm["compiled_shapes_during_run"] == 2 and warm["prefix_cache_hit_rate"] > 0.5
+    records, timed = run_engine(engine, workload, concurrency=1)
+    assert timed["compiled_shapes_during_run"] == 0 and timed["pages_in_use_after"] == 0
+    assert [r.n_out for r in records] == workload.max_tokens

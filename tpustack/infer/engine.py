@@ -148,6 +148,9 @@ class Engine:
         if self.draft_cfg is not None:  # the draft's pages share the target's block tables
             self.pages = (self.pages, init_pages(self.draft_cfg, engine_cfg.num_pages, engine_cfg.page_size,
                                                  engine_cfg.cache_dtype))
+        # committed to a device, as the step's outputs will be: uncommitted first pages made the
+        # first step's shape compile twice (once per commitment), so one warm-up pass was not enough
+        self.pages = jax.device_put(self.pages, jax.devices()[0])
         self.max_pages = self.pool.pages_for(self.cfg.max_seq_len)
         self.token_buckets, self.seq_buckets = engine_cfg.buckets()
         if self.draft_cfg is None:
