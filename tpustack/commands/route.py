@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "http://127.0.0.1:8000/v1 (tpustack serve, llama.cpp's server)")
     parser.add_argument("--cloud-model", default="", help="model id sent to --cloud (default: its /v1/models first)")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    parser.add_argument("--cloud-extra", default=None, help="JSON object of more request fields; llama.cpp's "
+                        "server penalizes repeats even at temperature 0: '{\"repeat_penalty\": 1.0}' makes it greedy")
     parser.add_argument("--threshold", type=float, required=True,
                         help="answer locally when confidence >= this (max_prob: 0..1; entropy: -nats)")
     parser.add_argument("--measure", default="max_prob", help="max_prob | entropy")
@@ -53,9 +55,15 @@ def run(args) -> int:
         prompts += [json.loads(line) for line in paths.read_text(args.prompts_file).splitlines() if line.strip()]
     if not prompts:
         raise UserError("--prompt: give at least one prompt (or --prompts-file)")
+    try:
+        extra = json.loads(args.cloud_extra) if args.cloud_extra else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--cloud-extra: not JSON ({e}); e.g. '{{\"repeat_penalty\": 1.0}}'") from None
+    if not isinstance(extra, dict):
+        raise UserError("--cloud-extra: must be a JSON object, e.g. '{\"repeat_penalty\": 1.0}'")
     rcfg = RouteConfig(args.threshold, args.measure, args.probe_tokens, args.max_tokens)
     rcfg.check()
-    router = Router(LocalModel(*load_weights(args.checkpoint)), Cloud(args.cloud, args.cloud_model, args.api_key),
+    router = Router(LocalModel(*load_weights(args.checkpoint)), Cloud(args.cloud, args.cloud_model, args.api_key, extra=extra),
                     rcfg)
     for prompt in prompts:
         routed = router.route(prompt)

@@ -94,7 +94,8 @@ class Cloud:
     (a starlette TestClient serves an app in-process)."""
 
     def __init__(self, base_url: str = "", model: str = "", api_key: str | None = None,
-                 client: httpx.Client | None = None, timeout_s: float = 120.0):
+                 client: httpx.Client | None = None, timeout_s: float = 120.0, extra: dict | None = None):
+        self.extra = dict(extra or {})  # more request fields, e.g. llama.cpp's {"repeat_penalty": 1.0}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = client or httpx.Client(timeout=timeout_s)
         self.base, self.model, self.headers = base_url.rstrip("/"), model, headers
@@ -113,7 +114,7 @@ class Cloud:
         """The endpoint's greedy completion of `prompt` (model: the given id, else the server's first)."""
         if not self.model:
             self.model = self._call("GET", "/models")["data"][0]["id"]
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        body = {**self.extra, "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         return self._call("POST", "/completions", json=body)["choices"][0]["text"]
 
 
