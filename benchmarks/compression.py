@@ -134,6 +134,42 @@ def gptq3_row(ctx: Context) -> dict:
     return ctx.quantized_row("gptq3_g128", "gptq", 3)
 
 
+# Pruned rows (tpustack prune, issue 12 item 4). benchmarks/prune.py has the whole pruning table
+# (50% unstructured rows, a dense control for the fine-tune, decode tokens/s on a quiet machine).
+PRUNE_RECOVER_STEPS = 60
+PRUNE_RECOVER_LR = 3e-4
+
+
+def pruned_2of4_row(ctx: Context, method: str) -> dict:
+    """2:4 sparsity by `method`; bytes per weight as packed (f32 values + 2-bit positions)."""
+    from tpustack.compress import prune, pruned
+    from tpustack.compress.sweep import calibration_tokens
+
+    tokens = calibration_tokens(ctx.config, ctx.calib, ctx.config.train.seq_len)
+    params, _ = prune.prune_model(ctx.cfg, pruned.as_numpy(ctx.params), tokens, method, pattern=(2, 4))
+    return {"nats_per_byte": ctx.loss(ctx.cfg, params), "bytes_per_weight": prune.packed_bits_per_weight(ctx.cfg, params) / 8,
+            **prune.sparsity_report(ctx.cfg, params)}
+
+
+for _method in ("magnitude", "wanda", "sparsegpt"):
+    row(f"{_method}_2of4")(functools.partial(pruned_2of4_row, method=_method))
+
+
+@row("structured_ffn25")
+def structured_ffn25_row(ctx: Context) -> dict:
+    """25% of the FFN channels removed per block, then PRUNE_RECOVER_STEPS of fine-tuning."""
+    from tpustack.compress import pruned, structured
+    from tpustack.compress.sweep import calibration_tokens
+
+    tokens = calibration_tokens(ctx.config, ctx.calib, ctx.config.train.seq_len)
+    cfg, params, _ = structured.prune_structured(ctx.cfg, pruned.as_numpy(ctx.params), tokens,
+                                                 structured.parse_structured("ffn=0.25"))
+    before = ctx.loss(cfg, params)
+    tuned, _ = pruned.recover(pruned.with_model(ctx.config, cfg, ""), params, PRUNE_RECOVER_STEPS, PRUNE_RECOVER_LR)
+    return {"nats_per_byte": ctx.loss(cfg, tuned), "nats_per_byte_before_recovery": before,
+            "recover_steps": PRUNE_RECOVER_STEPS, "bytes_per_weight": 4.0, "params": cfg.num_params()}
+
+
 def goals(rows: dict[str, dict]) -> list[tuple[str, str, str, bool | None]]:
     """(metric, measured, goal, met) for the issue's measured goals this table can answer."""
     loss = {k: v["nats_per_byte"] for k, v in rows.items()}
@@ -152,6 +188,12 @@ def goals(rows: dict[str, dict]) -> list[tuple[str, str, str, bool | None]]:
         if c is not None:
             out.append((f"{method}: share of {rtn}'s gap closed", f"{100 * c:.1f}%", f">= {100 * goal:.0f}%",
                         c >= goal))
+    if {"magnitude_2of4", "f32"} <= loss.keys() and loss["magnitude_2of4"] > loss["f32"]:
+        for method in ("wanda_2of4", "sparsegpt_2of4"):
+            if method in loss:
+                share = (loss[method] - loss["f32"]) / (loss["magnitude_2of4"] - loss["f32"])
+                out.append((f"{method} loss increase, share of magnitude 2:4's", f"{100 * share:.1f}%", "<= 25%",
+                            share <= 0.25))
     if "nf4" in rows:
         bits = 8 * rows["nf4"]["bytes_per_weight"]
         out.append(("NF4 storage", f"{bits:.4f} bits/param", "4.127 +- 0.01", abs(bits - 4.127) <= 0.01))
@@ -159,6 +201,17 @@ def goals(rows: dict[str, dict]) -> list[tuple[str, str, str, bool | None]]:
         s = rows["gptq4_g128"]["quantize_s"]
         out.append(("GPTQ 4-bit time (load + calibrate + quantize + write)", f"{s:.0f} s", "<= 300 s", s <= 300))
     return out
+
+
+def write_json(args, ctx: Context, rows: dict[str, dict]) -> dict:
+    """The rows so far and the goals they answer, to --json."""
+    result = {"machine": cpu_model(), "checkpoint": args.checkpoint, "params": ctx.cfg.num_params(),
+              "eval_tokens": sum(b["targets"].size for b in ctx.batches), "calib_sequences": args.calib,
+              "rows": rows, "goals": [dict(zip(("metric", "measured", "goal", "met"), g)) for g in goals(rows)]}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
 
 
 def main() -> int:
@@ -171,18 +224,13 @@ def main() -> int:
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "compression.json"))
     args = parser.parse_args()
     ctx = Context(args.checkpoint, args.out_root, args.calib, args.eval_batches or None)
-    rows = {}
+    rows: dict[str, dict] = {}
     for name in args.rows.split(","):
         rows[name] = ROWS[name](ctx)
-        print(f"{name}: {rows[name]['nats_per_byte']:.4f} nats/byte, "
+        print(f"{name}: {rows[name]['nats_per_byte']:.6f} nats/byte, "
               f"{rows[name]['bytes_per_weight']:.4f} bytes/weight", flush=True)
+        result = write_json(args, ctx, rows)  # after every row: a long run keeps what it measured
     met = goals(rows)
-    result = {"machine": cpu_model(), "checkpoint": args.checkpoint, "params": ctx.cfg.num_params(),
-              "eval_tokens": sum(b["targets"].size for b in ctx.batches), "calib_sequences": args.calib,
-              "rows": rows, "goals": [dict(zip(("metric", "measured", "goal", "met"), g)) for g in met]}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
     print(f"\n{ctx.cfg.num_params() / 1e6:.1f}M params, {result['eval_tokens']} held-out bytes, {cpu_model()}")
     print(f"{'row':<12} {'nats/byte':>10} {'vs f32':>8} {'bytes/weight':>13} {'bits/weight':>12}")
     base = rows.get("f32", {}).get("nats_per_byte")
