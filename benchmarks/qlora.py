@@ -26,15 +26,6 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} x {len(names)}" if names else "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="runs/small_12m")
@@ -53,6 +44,7 @@ def main() -> int:
 
     from tpustack.checkpoint import Checkpointer
     from tpustack.compress.finetune import FinetuneOptions, finetune
+    from tpustack.infer.serve_bench import machine  # the CPU model and cores, one definition
 
     ckpt = Checkpointer(args.checkpoint, read_only=True)
     base_step = ckpt.latest_step()
@@ -82,7 +74,7 @@ def main() -> int:
     after = {q: mean([r[q]["heldout_loss_end"] for r in per_seed]) for q in ("none", "nf4")}
     state_share = runs["nf4"]["lora_trainable_bytes"] / runs["nf4"]["full_trainable_bytes"]
     result = {
-        "cpu": cpu_model(), "checkpoint": args.checkpoint, "base_step": base_step, "rank": args.rank,
+        "cpu": machine(), "checkpoint": args.checkpoint, "base_step": base_step, "rank": args.rank,
         "alpha": args.alpha, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "lr": args.lr, "seeds": args.seeds, "eval_batches": args.eval_batches,
         "data": "builtin-other (stdlib .txt/.rst/.html)",
