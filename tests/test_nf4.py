@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpustack.compress.nf4 import (ABSMAX_BLOCK, NF4_LEVELS, blockwise_codes, dequantize_nf4, dynamic_map,
+from tpustack.model.nf4 import (ABSMAX_BLOCK, NF4_LEVELS, blockwise_codes, dequantize_nf4, dynamic_map,
                                    nf4_bits_per_param, quantize_nf4)
 
 torch = pytest.importorskip("torch")

@@ -14,7 +14,7 @@ import pytest
 
 from tpustack.compress import awq, gptq
 from tpustack.compress.calibration import linear_inputs
-from tpustack.compress.rtn import dequantize_grouped, pack_codes, quantize_grouped, unpack_codes
+from tpustack.model.grouped import dequantize_grouped, pack_codes, quantize_grouped, unpack_codes
 from tpustack.config import ModelConfig
 
 

@@ -13,7 +13,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tpustack.checkpoint import Checkpointer
-from tpustack.compress.qformat import read_quantized_config
+from tpustack.interop.quantized_dir import read_quantized_config
 from tpustack.config import Config, MeshConfig
 from tpustack.data import Batcher, load_tokenizer, load_tokens
 from tpustack.errors import UserError

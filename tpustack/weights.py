@@ -21,7 +21,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from tpustack import paths
 from tpustack.checkpoint import Checkpointer, checkpoint_dir
-from tpustack.compress.qformat import is_quantized_dir, read_quantized
+from tpustack.interop.quantized_dir import is_quantized_dir, read_quantized
 from tpustack.config import ModelConfig
 from tpustack.data import load_tokenizer
 from tpustack.errors import UserError

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpustack.compress.rtn import dequantize_grouped, quantize_grouped
+from tpustack.model.grouped import dequantize_grouped, quantize_grouped
 
 GRID = 20
 

@@ -3,7 +3,7 @@ error on the columns not yet quantized through the Cholesky factor of H^-1.
 
 For W [K, N] (K inputs) and calibration inputs X [M, K]: H = 2 X^T X / M, dampened by
 `percdamp` x its mean diagonal; U = the upper Cholesky factor of H^-1. Input row k is
-rounded to the group's min-max grid (tpustack.compress.rtn), and its error e / U[k, k]
+rounded to the group's min-max grid (tpustack.model.grouped), and its error e / U[k, k]
 is spread over the rows after it within the current block of 128 (U's row k); the rows
 after the block get the block's errors at once (the lazy batch update). A group's scale
 and zero point are set from the already-updated weights when its first row comes up;
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tpustack.compress.rtn import grid_params, round_to_grid
+from tpustack.model.grouped import grid_params, round_to_grid
 
 
 def hessian(x_MK: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import safetensors.numpy
 from flax import linen as nn
 
 from tpustack import paths
-from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes
+from tpustack.model.nf4 import dequantize_nf4, nf4_shapes
 from tpustack.config import Config, ModelConfig
 from tpustack.errors import UserError
 from tpustack.model import Decoder, abstract_params

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tpustack.compress import awq, gptq
 from tpustack.compress.calibration import INPUT_GROUPS, embed, flat_weight, head_input, linear_inputs_jit
-from tpustack.compress.rtn import pack_codes, quantize_grouped
+from tpustack.model.grouped import pack_codes, quantize_grouped
 from tpustack.config import ModelConfig
 from tpustack.model.quant import quantize_params
 
@@ -170,7 +170,7 @@ def quantize_checkpoint(checkpoint: str, out: str, method: str, bits: int = 4, g
                         calib: int = 128, act_order: bool = False, seed: int = 0, progress: bool = True) -> dict:
     """load_weights(checkpoint) -> quantize -> write `out`; returns the info written (bytes included)."""
     from tpustack.compress.calibration import calibration_tokens
-    from tpustack.compress.qformat import write_quantized
+    from tpustack.interop.quantized_dir import write_quantized
     from tpustack.weights import load_weights
 
     cfg, params, _ = load_weights(checkpoint)

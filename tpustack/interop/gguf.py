@@ -34,8 +34,8 @@ import numpy as np
 from flax import linen as nn
 
 from tpustack import paths
-from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes
-from tpustack.compress.rtn import dequantize_grouped, unpack_codes
+from tpustack.model.nf4 import dequantize_nf4, nf4_shapes
+from tpustack.model.grouped import dequantize_grouped, unpack_codes
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
 from tpustack.interop.gguf_vocab import add_vocab, field_value, read_vocab

@@ -8,7 +8,7 @@ and runs it through tpustack.kernels' quantized matmuls (dequantized inside the 
 so the weights are never expanded in memory). `quantize_params` converts a trained float
 tree; the embedding and norms stay in float.
 
-  nf4: QLoRA's NormalFloat-4 with double quantization (tpustack.compress.nf4) of the
+  nf4: QLoRA's NormalFloat-4 with double quantization (tpustack.model.nf4) of the
   [N, K] (torch-layout) weight, bit-equal to bitsandbytes' quantize_4bit: `<name>_nf4_codes`
   [KN/2] u8, `<name>_nf4_absmax_codes` [KN/64] u8, `<name>_nf4_absmax_scale` [KN/16384] f32,
   `<name>_nf4_absmax_offset` [1] f32. No kernel takes NF4: it is dequantized on the fly
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tpustack.compress.nf4 import dequantize_nf4, nf4_shapes, quantize_nf4
+from tpustack.model.nf4 import dequantize_nf4, nf4_shapes, quantize_nf4
 from tpustack.kernels import int4_matmul, int8_matmul, quantize_int4, quantize_int8
 
 WEIGHT_QUANT = ("none", "int8", "int4", "nf4", "int4_zp")

@@ -1,4 +1,4 @@
-"""Round-to-nearest weight quantization: group-wise asymmetric 3/4-bit, per-channel int8.
+"""Round-to-nearest quantization and the group-wise codes the model runs (weight_quant int4_zp).
 
 Weights are [K, N] (K the input dim, N the output dim), as the model's matmuls hold them.
 Group-wise: every `group` consecutive input rows of an output column share a scale and an
