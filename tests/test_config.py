@@ -234,7 +234,7 @@ def test_cli_bad_value_exits_2_on_one_line_and_leaves_the_checkpoint(bad, tmp_pa
 # ---- precision settled into ModelConfig once, where the config is built ----
 
 def test_compute_dtype_table():
-    assert COMPUTE_DTYPE == {"f32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    assert COMPUTE_DTYPE == {"f32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 
 @pytest.mark.parametrize("path,precision,dtype", [
