@@ -214,6 +214,7 @@ def cmd_compile_check(args, overrides) -> int:
     import json
 
     from tpustack.config import load_config
+    from tpustack.plan import steptime
     from tpustack.train.aot import compile_check
 
     try:
@@ -243,7 +244,8 @@ def cmd_compile_check(args, overrides) -> int:
     if r["hbm_bytes"]:
         verdict = "fits" if r["fits"] else "does NOT fit"
         print(f"HBM per chip {r['hbm_bytes'] / gb:.1f} GB: {verdict}")
-    print(f"FLOPs per step per chip: {r['flops_per_step_per_chip']:.3e}")
+    print(f"FLOPs per step per chip: {r['flops_per_step_per_chip']:.3e} (XLA's cost analysis: loop bodies once)")
+    print(steptime.render(r["step_time"]) + " (from the compiled HLO)")
     return 0
 
 
@@ -258,12 +260,38 @@ def cmd_estimate(args, overrides) -> int:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag}={getattr(args, flag)}: must be >= 1")
     config = load_config(args.config, overrides)
+    if args.suggest or args.time:
+        return _estimate_time(args, config)
     spec = chip(args.chip)
     result = report(config, spec, args.chips, args.context, args.batch, args.price, args.tokens_per_s)
     if args.plot:
         plot(config, spec, args.context, args.batch, args.plot)
         result["plot"] = args.plot
     print(json.dumps(result, indent=1) if args.json else render(result, args.ops))
+    return 0
+
+
+def _estimate_time(args, config) -> int:
+    """`estimate --time` (the config's layout) and `estimate --suggest` (the best layouts)."""
+    import json
+
+    from tpustack.mesh import mesh_shape
+    from tpustack.plan import steptime, suggest
+    from tpustack.plan.chips import CHIPS
+
+    if args.chip not in steptime.TORUS_DIMS:
+        raise UserError(f"--chip {args.chip}: --time and --suggest model TPU slices; one of "
+                        f"{', '.join(steptime.TORUS_DIMS)}")
+    topology = args.topology or steptime.default_topology(args.chip, args.chips)
+    if args.suggest:
+        rows = suggest.suggest(config, args.config, args.chip, args.chips, topology=topology)
+        print(json.dumps(rows, indent=1) if args.json else suggest.render(rows, CHIPS[args.chip].hbm_bytes))
+        return 0 if rows else 3
+    mesh = mesh_shape(config.mesh, args.chips)
+    st = steptime.analytic(config, args.chip, mesh, topology).as_dict()
+    r = {"config": config.name, "topology": topology, "mesh": mesh, "step_time": st}
+    print(json.dumps(r, indent=1) if args.json else f"{config.name} on {topology}, mesh {mesh}: "
+          + steptime.render(st))
     return 0
 
 

@@ -106,3 +106,9 @@ def _measuring_commands(sub) -> None:
     est.add_argument("--ops", action="store_true", help="print the roofline's per-op tables")
     est.add_argument("--json", action="store_true", help="print JSON instead of tables")
     est.add_argument("--plot", default=None, metavar="PNG", help="draw the decode roofline to this PNG")
+    est.add_argument("--time", action="store_true", help="predicted train step time and MFU of the config's layout "
+                     "on --chips x --chip (compute, memory, collectives)")
+    est.add_argument("--suggest", action="store_true", help="rank layouts (data/fsdp/tensor/stage, ZeRO, remat, "
+                     "batch) for --chips x --chip by predicted step time; the best 3 with memory, MFU, a command")
+    est.add_argument("--topology", default=None, help="the TPU slice for --time / --suggest, e.g. v5p:4x4x4 "
+                     "(default: a near-cubic one of --chips)")
