@@ -104,10 +104,10 @@ def main() -> int:
 
     from tpustack.compress import pruned
     from tpustack.compress.sweep import calibration_tokens
-    from tpustack.weights import load_weights
+    from tpustack.weights import load_weights, source_config
 
     cfg, params, _ = load_weights(args.checkpoint)
-    config = pruned.source_config(args.checkpoint, cfg)
+    config = source_config(args.checkpoint, cfg)
     params = pruned.as_numpy(params)
     tokens = calibration_tokens(config, args.calib, config.train.seq_len)
     eval_batches = args.eval_batches or config.train.eval_batches

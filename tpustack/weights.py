@@ -22,7 +22,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from tpustack import paths
 from tpustack.checkpoint import Checkpointer, checkpoint_dir
 from tpustack.interop.quantized_dir import is_quantized_dir, read_quantized
-from tpustack.config import ModelConfig
+from tpustack.config import Config, ModelConfig, config_from_dict
 from tpustack.data import load_tokenizer
 from tpustack.errors import UserError
 from tpustack.interop.hf import load_hf_checkpoint
@@ -119,6 +119,21 @@ def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") ->
     params = jax.device_put(host_params, _shardings(cfg, mesh, rules))
     del host_params
     return Weights(cfg, params, tokenizer)
+
+
+def source_config(path: str, cfg: ModelConfig) -> Config:
+    """The run config behind a checkpoint: a workdir's own (its data and batch shape), else
+    defaults around the model of an HF / GGUF / exported directory, with its tokenizer.json
+    when it has one (commands that write a derived checkpoint save it beside the params)."""
+    if weights_kind(path) == "workdir":
+        ckpt = Checkpointer(path, read_only=True)
+        try:
+            return ckpt.config()
+        finally:
+            ckpt.close()
+    tokenizer = paths.join(path, "tokenizer.json")
+    return config_from_dict({"model": dataclasses.asdict(cfg),
+                             "data": {"tokenizer": tokenizer if paths.isfile(tokenizer) else "byte"}})
 
 
 def init_weights(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0, rules: str = "default") -> Weights:

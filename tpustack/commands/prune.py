@@ -70,10 +70,10 @@ def run(args) -> int:
     from tpustack.compress.sweep import calibration_tokens
     from tpustack.errors import UserError
     from tpustack.metrics import Progress
-    from tpustack.weights import load_weights
+    from tpustack.weights import load_weights, source_config
 
     cfg, params, _ = load_weights(args.checkpoint)
-    config = pruned.source_config(args.checkpoint, cfg)
+    config = source_config(args.checkpoint, cfg)
     params = pruned.as_numpy(params)
     record: dict = {"source": args.checkpoint, "params_before": cfg.num_params()}
     needs_calib = args.structured is not None or args.method != "magnitude"

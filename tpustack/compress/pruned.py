@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpustack import paths
 from tpustack.checkpoint import Checkpointer
 from tpustack.compress.prune import apply_masks
-from tpustack.config import CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from tpustack.config import CheckpointConfig, Config, MeshConfig, ModelConfig
 from tpustack.data import Batcher, load_tokenizer, load_tokens
 from tpustack.evaluate import mean_loss
 from tpustack.mesh import batch_sharding, global_batch, make_mesh, rules_for
@@ -27,21 +26,6 @@ from tpustack.model import Decoder, loss_sums
 from tpustack.train.optim import make_optimizer
 from tpustack.train.precision import LossScale
 from tpustack.train.step import Trainer, TrainState
-from tpustack.weights import weights_kind
-
-
-def source_config(path: str, cfg: ModelConfig) -> Config:
-    """The checkpoint's own config (a workdir), or defaults over the builtin corpus with its
-    tokenizer (a Hugging Face directory)."""
-    if weights_kind(path) == "workdir":
-        ckpt = Checkpointer(path, read_only=True)
-        try:
-            return ckpt.config()
-        finally:
-            ckpt.close()
-    tok = paths.join(path, "tokenizer.json")
-    return Config(model=cfg, mesh=MeshConfig(), train=TrainConfig(), checkpoint=CheckpointConfig(),
-                  data=DataConfig(tokenizer=tok if paths.isfile(tok) else "byte"))
 
 
 def with_model(config: Config, cfg: ModelConfig, name_suffix: str) -> Config:

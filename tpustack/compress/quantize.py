@@ -24,6 +24,7 @@ from tpustack.compress.calibration import INPUT_GROUPS, embed, flat_weight, head
 from tpustack.model.grouped import pack_codes, quantize_grouped
 from tpustack.config import ModelConfig
 from tpustack.model.quant import quantize_params
+from tpustack.weights import source_config
 
 METHODS = ("int8", "rtn", "gptq", "awq", "nf4")
 NEEDS_CALIBRATION = ("gptq", "awq")
@@ -141,29 +142,6 @@ def quantize_model(cfg: ModelConfig, params: Any, method: str, bits: int = 4, gr
     qcfg = dataclasses.replace(cfg, weight_quant="int4_zp", weight_group=group, scan_layers=False,
                                remat_policy="none")
     return qcfg, _pack_tree(fparams, quantized), info
-
-
-def source_config(path: str, cfg: ModelConfig):
-    """The run config to save beside the quantized params: the workdir's own (its data and batch
-    shape, for eval), or defaults around an HF directory's model."""
-    from tpustack.checkpoint import Checkpointer
-    from tpustack.config import config_from_dict
-    from tpustack.weights import weights_kind
-
-    if weights_kind(path) == "workdir":
-        ckpt = Checkpointer(path, read_only=True)
-        try:
-            return ckpt.config()
-        finally:
-            ckpt.close()
-    data = {"tokenizer": paths_join_if_file(path, "tokenizer.json")}
-    return config_from_dict({"model": dataclasses.asdict(cfg), "data": data})
-
-
-def paths_join_if_file(path: str, name: str) -> str:
-    """path/name when it exists, else "byte"."""
-    from tpustack import paths
-    return paths.join(path, name) if paths.isfile(paths.join(path, name)) else "byte"
 
 
 def quantize_checkpoint(checkpoint: str, out: str, method: str, bits: int = 4, group: int = 128,
