@@ -65,3 +65,19 @@ def require_libtpu() -> None:
     why = libtpu_unusable()
     if why is not None:
         pytest.skip(why, allow_module_level=True)
+
+
+def start_serve(checkpoint, *flags: str):
+    """`tpustack serve --checkpoint CHECKPOINT FLAGS` on a free 127.0.0.1 port: (process, base url)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "tpustack", "serve", "--checkpoint", str(checkpoint),
+                             "--port", str(port), *flags], cwd=root, stderr=subprocess.PIPE, text=True)
+    return proc, f"http://127.0.0.1:{port}"

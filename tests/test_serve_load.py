@@ -15,6 +15,7 @@ import httpx
 import jax
 import pytest
 
+from helpers import start_serve
 from tests.test_server import CFG, TOK, byte_level_tokenizer_json
 from tpustack.infer.engine import Engine, EngineConfig
 from tpustack.infer.load_drivers import local_server, run_http
@@ -208,23 +209,14 @@ def test_bench_serve_against_the_server(served, params, tmp_path, capsys, gcs_bu
 @pytest.mark.slow
 def test_sigterm_under_load_stops_admitting_finishes_in_flight_and_exits_0(params, tmp_path):
     import signal
-    import socket
-    import subprocess
-    import sys
 
     from tpustack.interop.hf import save_hf_checkpoint
 
     ckpt = tmp_path / "hf"
     save_hf_checkpoint(str(ckpt), jax.device_get(params), CFG)
     (ckpt / "tokenizer.json").write_text(byte_level_tokenizer_json())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "tpustack", "serve", "--checkpoint", str(ckpt), "--port",
-                             str(port), "--num-pages", "128", "--max-seqs", "8", "--token-budget", "32"],
-                            cwd=root, stderr=subprocess.PIPE, text=True)
-    url, streams, started = f"http://127.0.0.1:{port}", [], threading.Semaphore(0)
+    proc, url = start_serve(ckpt, "--num-pages", "128", "--max-seqs", "8", "--token-budget", "32")
+    streams, started = [], threading.Semaphore(0)
 
     def stream(i: int) -> None:
         body = {"model": "hf", "prompt": f"go {i}", "max_tokens": 100, "temperature": 0, "stream": True,

@@ -15,6 +15,7 @@ import uvicorn
 from flax.linen import meta
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import start_serve
 from tpustack.config import ModelConfig
 from tpustack.data.tokenizers import ByteTokenizer
 from tpustack.infer.decode import Generator
@@ -253,10 +254,7 @@ def byte_level_tokenizer_json() -> str:
 @pytest.mark.slow
 def test_tpustack_serve_an_hf_directory_with_its_chat_template_then_sigterm(params, tmp_path):
     """The CLI end to end: the one loader, the checkpoint's jinja2 template, SIGTERM exits 0."""
-    import os
     import signal
-    import subprocess
-    import sys
 
     from tpustack.interop.hf import save_hf_checkpoint
 
@@ -265,15 +263,9 @@ def test_tpustack_serve_an_hf_directory_with_its_chat_template_then_sigterm(para
     (ckpt / "tokenizer.json").write_text(byte_level_tokenizer_json())
     template = "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "tpustack", "serve", "--checkpoint", str(ckpt), "--port",
-                             str(port), "--num-pages", "64", "--max-seqs", "4", "--token-budget", "32"],
-                            cwd=root, stderr=subprocess.PIPE, text=True)
+    proc, url = start_serve(ckpt, "--num-pages", "64", "--max-seqs", "4", "--token-budget", "32")
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 if httpx.get(url + "/health").status_code == 200:
