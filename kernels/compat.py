@@ -53,9 +53,22 @@ class KernelShapeError(ValueError):
     """A shape, dtype or tiling the Pallas kernel cannot take; the message names the fix."""
 
 
+def _mesh_platform() -> str | None:
+    """The platform of the mesh set for this trace (jax.set_mesh), or None when none is set.
+
+    A compile for a libtpu virtual topology runs on a CPU host: its mesh holds TPU devices
+    while jax.default_backend() says 'cpu'. The abstract mesh carries its devices' platform,
+    inside jit and shard_map bodies too (jax.sharding.get_mesh() refuses to run under jit)."""
+    dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(dev, "platform", None)
+
+
 def backend() -> str:
-    """The default backend's platform: 'tpu', 'gpu' or 'cpu'."""
-    p = jax.default_backend()
+    """The platform this trace compiles for: 'tpu', 'gpu' or 'cpu'.
+
+    The set mesh's devices when there is one (a TPU topology compiled on a CPU host is
+    'tpu'), else jax's default backend."""
+    p = _mesh_platform() or jax.default_backend()
     return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 
@@ -102,7 +115,8 @@ def poison_outputs(enabled: bool = True):
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
-    """None means: interpret exactly when there is no accelerator to lower to."""
+    """None means: interpret exactly when the target (backend(): the mesh's devices, else the
+    default backend) is no accelerator to lower to."""
     return backend() == "cpu" if interpret is None else bool(interpret)
 
 

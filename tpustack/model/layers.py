@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tpustack.config import ModelConfig
-from tpustack.kernels import decode_attention, flash_attention
+from tpustack.kernels import compat, decode_attention, flash_attention
 from tpustack.model.fp8 import COLLECTION as FP8_COLLECTION
 from tpustack.model.fp8 import fp8_dense
 from tpustack.model.quant import quantized_dense
@@ -97,10 +97,11 @@ def lora_delta(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, 
 def use_kernels(cfg: ModelConfig) -> str | None:
     """The tpustack.kernels impl= to use for attention, or None for the einsum path here.
 
-    "auto" means Pallas on TPU/GPU; on CPU the einsum path is the faster one."""
+    "auto" means Pallas when the target (the mesh's devices: a TPU topology compiled on a CPU
+    host counts as TPU) is TPU/GPU; on CPU the einsum path is the faster one."""
     if cfg.attention_impl == "pallas":
         return "pallas"
-    if cfg.attention_impl == "auto" and jax.default_backend() != "cpu":
+    if cfg.attention_impl == "auto" and compat.backend() != "cpu":
         return "auto"
     return None
 

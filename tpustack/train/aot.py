@@ -25,10 +25,15 @@ from tpustack.train.step import make_trainer
 
 
 def devices_for(backend: str, topology: str = "v5p:2x2x2") -> list:
-    """8 CPU devices (XLA_FLAGS must force them) or a libtpu virtual topology's devices."""
+    """8 CPU devices (XLA_FLAGS must force them) or a libtpu virtual topology's devices, one per chip.
+
+    v4 (like v5p) joins its chip's two TensorCores into one megacore device on Cloud TPU VMs,
+    but libtpu's virtual v4 defaults to one device per TensorCore (8 devices on v4:2x2x1,
+    each with half a chip): chip_config_name="megacore" makes the topology a job gets."""
     if backend == "cpu":
         return jax.devices("cpu")
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    kw = {"chip_config_name": "megacore"} if topology.split(":")[0] == "v4" else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices)
 
 
 def compile_train_step_full(config: Config, devices: list) -> Any:
