@@ -25,14 +25,17 @@ Exit status 1 when any compiled sample's total is off by more than 25%.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -40,10 +43,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes on t
 
 CACHE = "benchmarks/results/estimate_vs_xla.jsonl"
 SUMMARY = "benchmarks/results/estimate_vs_xla.json"
+DUMP = os.path.join(tempfile.gettempdir(), "estimate_vs_xla_dump")  # per sample: XLA's live ranges at the peak
 # chips -> topology per generation (v4 / v5p: 3-D torus; v5e / v6e: 2-D)
 TOPOLOGIES = {
-    # libtpu's virtual v4 has two devices per chip (its two TensorCores, not megacore): devices
-    "v4": {4: "2x2x1", 8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4"},
+    "v4": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"},  # megacore: a device per chip
     "v5p": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"},
     "v5e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8"},
     "v6e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8"},
@@ -53,6 +56,7 @@ WIDTHS = [(256, 4), (512, 8), (1024, 16), (2048, 22), (3072, 28), (4096, 32), (5
 # Samples read while changing the memory model (the TPU LM-head buffer, activations.head_bytes):
 # counted with the calibration part, whatever their index.
 SEEN = {24}
+FIT = 0.7  # shape scaling aims the estimate at this share of HBM (margin for an estimate that is low)
 REMATS = ["none", "nothing_saveable", "dots_with_no_batch_dims_saveable"]
 VOCABS = [32000, 32768, 50257, 128256]
 
@@ -71,7 +75,7 @@ def draw(rng: random.Random, index: int) -> dict:
     kind = rng.choices(["mha", "gqa", "mqa"], weights=[1, 2, 1])[0]
     kv = {"mha": heads, "mqa": 1, "gqa": max(1, heads // rng.choice([2, 4, 8]))}[kind]
     ffn = int(round(d * rng.choice([8 / 3, 3.5, 4.0]) / 256)) * 256
-    if gen == "v4":
+    if gen == "v4":  # drawn as 2 devices per chip before (kept so the seeded sample stays the same)
         chips = max(chips, 8)
     tensor = 1 if rng.random() < 0.4 else rng.choice(_divisors(math.gcd(math.gcd(heads, kv), chips), 8))
     stage = rng.choice([1, 1, 1] + _divisors(math.gcd(layers, chips // tensor), 4)[1:])
@@ -111,19 +115,29 @@ def key(s: dict) -> str:
 
 
 def fit_depth(s: dict) -> dict:
-    """Shape scaling: drop layers (keeping stage | layers) until the estimate fits 85% of HBM."""
+    """Shape scaling until the estimate fits FIT of HBM: drop layers (keeping stage | layers),
+    then halve the batch per shard, then the sequence (`batch_full` / `seq_full` keep the draw)."""
     from tpustack.config import load_config
     from tpustack.plan.chips import CHIPS
     from tpustack.plan.layouts import topology_estimate
 
-    hbm = CHIPS[s["generation"]].hbm_bytes / (2 if s["generation"] == "v4" else 1)  # per device
+    hbm = CHIPS[s["generation"]].hbm_bytes  # per chip: one device per chip (v4 as megacore)
     step = max(s["mesh"]["stage"], 1)
+    s = {**s, "batch_full": s["batch"], "seq_full": s["seq"]}
+    shards = s["mesh"]["data"] * s["mesh"]["fsdp"] * s["microbatches"]
     while True:
         cfg = load_config("configs/tiny.py", overrides(s))
         est = topology_estimate(cfg, s["topology"], s["mesh"])
-        if est["estimate_total_bytes"] <= 0.85 * hbm or s["layers"] <= step:
+        if est["estimate_total_bytes"] <= FIT * hbm:
             return {**s, "estimate": est}
-        s = {**s, "layers": max(step, (s["layers"] // 2) // step * step)}
+        if s["layers"] > step:
+            s = {**s, "layers": max(step, (s["layers"] // 2) // step * step)}
+        elif s["batch"] > shards:
+            s = {**s, "batch": s["batch"] // 2 // shards * shards}
+        elif s["seq"] > 512:
+            s = {**s, "seq": s["seq"] // 2}
+        else:
+            return {**s, "estimate": est}
 
 
 def run_one(s: dict) -> dict:
@@ -143,16 +157,34 @@ def run_one(s: dict) -> dict:
     keep = ("compiled", "fits", "zero_stage", "xla_argument_bytes", "xla_temp_bytes", "xla_output_bytes",
             "xla_alias_bytes", "xla_total_bytes", "estimate_state_bytes", "estimate_temp_bytes",
             "estimate_total_bytes", "hbm_bytes", "flops_per_step_per_chip", "xla_error", "step_time")
-    return {**s, **{k: r[k] for k in keep if k in r}, "compile_s": round(time.perf_counter() - t0, 1)}
+    return {**s, **{k: r[k] for k in keep if k in r}, "compile_s": round(time.perf_counter() - t0, 1),
+            "mosaic": s["attention"] == "pallas"}  # Pallas lowered through Mosaic (kernels/compat.backend)
+
+
+def _keep_live_ranges(dump: str) -> None:
+    """Delete all of an XLA dump but the train step's live ranges and memory-usage report."""
+    for name in os.listdir(dump) if os.path.isdir(dump) else []:
+        path = os.path.join(dump, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif "jit_train_step" not in name or not name.endswith(("live-range.txt", "memory-usage-report.txt")):
+            os.remove(path)
 
 
 def compile_in_subprocess(s: dict, timeout: int) -> dict:
     """run_one in a fresh process (libtpu state does not pile up; a stuck compile is cut off)."""
+    # XLA's buffer assignment, for reading what is live at the peak: the live-range dump names
+    # the peak's buffers and breaks them down by jax source line; the rest of the dump goes
+    dump = os.path.join(DUMP, str(s["index"]))
+    shutil.rmtree(dump, ignore_errors=True)
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()}
     try:
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps(s)], capture_output=True, text=True,
-                             timeout=timeout)
+                             timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**s, "compiled": False, "error": f"compile took over {timeout} s", "compile_s": timeout}
+    finally:
+        _keep_live_ranges(dump)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -235,6 +267,7 @@ def main() -> int:
     ap.add_argument("--cache", default=CACHE)
     ap.add_argument("--report-only", action="store_true", help="no compiles: report the cached ones")
     ap.add_argument("--timeout", type=int, default=900, help="seconds one compile may take (then it is skipped)")
+    ap.add_argument("--jobs", type=int, default=1, help="compiles at once (each its own process)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a sample as JSON: compile it, print JSON
     args = ap.parse_args()
     if args.one:
@@ -243,31 +276,43 @@ def main() -> int:
     rng = random.Random(args.seed)
     samples = [draw(rng, i) for i in range(args.n)]
     cache = load_cache(args.cache)
-    rows = []
     # cheapest first (compile time grows with chips and with a pipeline), so an interrupted
-    # run has covered the most samples; each compile in its own process, with a timeout
+    # run has covered the most samples
     order = sorted(range(len(samples)), key=lambda i: (samples[i]["chips"] * (3 if samples[i]["mesh"]["stage"] > 1
                                                                               else 1), i))
-    for n, i in enumerate(order):
-        s = samples[i]
-        k = key(s)
-        retry = k in cache and str(cache[k].get("error", "")).startswith("compile took over")
-        if (k not in cache or retry) and not args.report_only:
-            s = fit_depth(s)
-            s.pop("estimate", None)
-            t0 = time.perf_counter()
-            r = {**compile_in_subprocess(s, args.timeout), "key": k}
+
+    def stale(k: str) -> bool:  # retried: a timeout; an OOM from before shape scaling also cut batch
+        # and sequence; pallas compiled in interpret mode before kernels followed the mesh's platform
+        r = cache[k]
+        return (str(r.get("error", "")).startswith("compile took over")
+                or ("RESOURCE_EXHAUSTED" in str(r.get("xla_error")) and "batch_full" not in r)
+                or (r["attention"] == "pallas" and not r.get("mosaic")))
+
+    todo = [] if args.report_only else [i for i in order if key(samples[i]) not in cache or stale(key(samples[i]))]
+    lock = threading.Lock()
+
+    def one(n: int, i: int) -> None:
+        with lock:  # the estimate's shape scaling is quick; only the compile runs in parallel
+            s = fit_depth(samples[i])
+        s.pop("estimate", None)
+        t0 = time.perf_counter()
+        r = {**compile_in_subprocess(s, args.timeout), "key": key(samples[i])}
+        status = (f"XLA {r['xla_total_bytes'] / 1e9:.2f} GB est {r['estimate_total_bytes'] / 1e9:.2f} GB "
+                  f"({errors(r)['total']:+.1%})" if r.get("xla_total_bytes") else
+                  f"not compiled: {r.get('error') or r.get('xla_error')}")
+        with lock:
             with open(args.cache, "a") as f:
                 f.write(json.dumps(r) + "\n")
-            cache[k] = r
-            status = (f"XLA {r['xla_total_bytes'] / 1e9:.2f} GB est {r['estimate_total_bytes'] / 1e9:.2f} GB "
-                      f"({errors(r)['total']:+.1%})" if r.get("xla_total_bytes") else
-                      f"not compiled: {r.get('error') or r.get('xla_error')}")
-            print(f"[{n + 1}/{len(samples)}] #{i} {s['topology']} d{s['d_model']} L{s['layers']} {s['mesh']} "
-                  f"ZeRO-{s['zero']} {s['attention']} {s['remat']}: {status}  {time.perf_counter() - t0:.0f} s",
-                  flush=True)
-        if k in cache:
-            rows.append(cache[k])
+            cache[r["key"]] = r
+            print(f"[{n + 1}/{len(todo)}] #{i} {s['topology']} d{s['d_model']} L{s['layers']} B{s['batch']} "
+                  f"T{s['seq']} {s['mesh']} ZeRO-{s['zero']} {s['attention']} {s['remat']}: {status}  "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    # each compile in its own process (--jobs at once), with a timeout
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(one, n, i) for n, i in enumerate(todo)]:
+            f.result()
+    rows = [cache[key(samples[i])] for i in order if key(samples[i]) in cache]
     rows = [refresh_estimate(r) for r in rows]
     rep = report(rows)
     print(table(rows))

@@ -76,6 +76,33 @@ def layer_residuals(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 
     ])
 
 
+# jax.checkpoint_policies that save matmul outputs: those with no batch dimensions (every
+# dense projection here: model/layers.dense is a 2-D matmul), or every dot.
+SAVES_DOTS = {"dots_with_no_batch_dims_saveable": False, "checkpoint_dots_with_no_batch_dims": False,
+              "dots_saveable": True, "checkpoint_dots": True}
+
+
+def saved_dots(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor: int = 1,
+               backend: str = "cpu") -> list[tuple[str, tuple[int, ...], int]]:
+    """The matmul outputs a dots policy saves per layer (none for other policies), in the
+    compute dtype: the q/k/v, gate and up projections [B*T, *] split over tensor, and the o
+    and down projections [B*T, D] whole (the full sum the partitioner all-reduces); with
+    `dots_saveable`, also the attention's batched einsums (f32 scores, PV output) unless
+    flash attention hides them in the kernel."""
+    if remat not in SAVES_DOTS:
+        return []
+    c = activation_elem_bytes(dtype, backend)
+    d, f, h = cfg.d_model, -(-cfg.ffn_dim // tensor), cfg.heads_dim
+    k = -(-cfg.num_kv_heads // tensor)
+    g = cfg.num_heads // cfg.num_kv_heads
+    out = [("q proj", (b * t, k * g * h), c), ("k proj", (b * t, k * h), c), ("v proj", (b * t, k * h), c),
+           ("o proj", (b * t, d), c), ("gate proj", (b * t, f), c), ("up proj", (b * t, f), c),
+           ("down proj", (b * t, d), c)]
+    if SAVES_DOTS[remat] and not flash_attention(cfg, backend):
+        out += [("scores", (b, k, g * t, t), 4), ("pv", (b, k, g * t, h), c)]
+    return out
+
+
 def flash_attention(cfg: ModelConfig, backend: str) -> bool:
     """Whether the step's attention is the Pallas flash kernel (model/layers.use_kernels)."""
     return cfg.attention_impl == "pallas" or (cfg.attention_impl == "auto" and backend != "cpu")
@@ -176,8 +203,10 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         layer_ws = per_layer - f_part + mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend) + layer_weight_bytes
         if backend == "tpu":
             layer_ws += probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
-    else:  # nothing_saveable and friends: only each layer's input [B, T, D] survives
-        saved = steps * buffer_bytes((mb, t, cfg.d_model), c, backend)
+    else:  # nothing_saveable and friends: only each layer's input [B, T, D] survives,
+        # and, under a dots policy, the matmul outputs it names (saved_dots)
+        saved = steps * (buffer_bytes((mb, t, cfg.d_model), c, backend)
+                         + _sum(saved_dots(cfg, dtype, mb, t, remat, tensor, backend), backend))
         # The layer being differentiated first recomputes its forward: its residuals and
         # its weights are live. On TPU its backward's peak also holds the MLP's three
         # [B, T, F] cotangents and the probabilities' cotangent dP = dO V^T beside the
