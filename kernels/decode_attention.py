@@ -76,6 +76,24 @@ def decode_attention(q_BNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, len
     return mod.decode(q_BNH, k_BSKH, v_BSKH, lengths_B, k_scale_BSK, v_scale_BSK, cfg)
 
 
+def _paged_reason(L: int, H: int, dtype, plat: str) -> str | None:
+    if plat == "tpu" and H % 128:
+        return f"head dim H={H}: the TPU paged kernel reads (L, H) tiles in place and needs H % 128 == 0"
+    if plat == "tpu" and L % 8:
+        return f"page size L={L} must be a multiple of 8 (TPU sublanes)"
+    if plat == "gpu" and not (is_pow2(L) and L >= 16 and is_pow2(H) and H >= 16):
+        return f"page size L={L} and head dim H={H} must be powers of two >= 16 (Triton tiles)"
+    return _dtype_reason(jax.ShapeDtypeStruct((), dtype), plat)
+
+
+def paged_attention_impl(page_size: int, head_dim: int, dtype, impl: str = "auto",
+                         platform: str | None = None) -> str:
+    """'pallas' or 'xla' (or 'reference'): what paged_attention runs for these pages and queries
+    here, so a caller can pick a layout before tracing (the serving engine: tpustack.infer.engine)."""
+    return choose("paged_attention", impl, lambda plat: _paged_reason(page_size, head_dim, dtype, plat),
+                  platform)[0]
+
+
 def paged_attention(q_BNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH: jax.Array,
                     page_table_BM: jax.Array, lengths_B: jax.Array, *,
                     k_scale_PLK: jax.Array | None = None, v_scale_PLK: jax.Array | None = None,
@@ -85,17 +103,7 @@ def paged_attention(q_BNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH: jax
     _common_checks(q_BNH, k_pages_PLKH, v_pages_PLKH, k_scale_PLK, v_scale_PLK)
     L, H = k_pages_PLKH.shape[1], k_pages_PLKH.shape[3]
     scale = float(H ** -0.5 if sm_scale is None else sm_scale)
-
-    def check(plat: str) -> str | None:
-        if plat == "tpu" and H % 128:
-            return f"head dim H={H}: the TPU paged kernel reads (L, H) tiles in place and needs H % 128 == 0"
-        if plat == "tpu" and L % 8:
-            return f"page size L={L} must be a multiple of 8 (TPU sublanes)"
-        if plat == "gpu" and not (is_pow2(L) and L >= 16 and is_pow2(H) and H >= 16):
-            return f"page size L={L} and head dim H={H} must be powers of two >= 16 (Triton tiles)"
-        return _dtype_reason(q_BNH, plat)
-
-    which, plat = choose("paged_attention", impl, check, platform)
+    which, plat = choose("paged_attention", impl, lambda plat: _paged_reason(L, H, q_BNH.dtype, plat), platform)
     if which != "pallas":
         return paged_attention_reference(q_BNH, k_pages_PLKH, v_pages_PLKH, page_table_BM, lengths_B,
                                          sm_scale=scale, soft_cap=soft_cap, k_scale_PLK=k_scale_PLK,

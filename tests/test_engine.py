@@ -140,6 +140,16 @@ def test_seeded_sampling_matches_solo(params, solo):
     assert got != Engine(CFG, params, WIDE).generate(prompts, outs)  # it did sample
 
 
+def test_blocked_attention_over_many_blocks_and_tiles_matches_solo(params, solo):
+    """CPU attention reads pages in blocks (work items) and prompts in query tiles; small ones
+    here, so rows span many blocks and chunks many tiles, and the flash-decoding combine runs."""
+    prompts, outs = workload(24, seed=21, lengths=(1, 90))
+    engine = Engine(CFG, params, dataclasses.replace(WIDE, kv_block=16, query_tile=8))
+    assert engine.blocked  # XLA on CPU
+    for p, m, got in zip(prompts, outs, engine.generate(prompts, outs)):
+        assert got == solo(p, m)
+
+
 def test_no_compiles_once_warm(params):
     """Self-contained (xdist may run it first or alone): one pass over a mix of batch sizes and
     lengths compiles at most the buckets' shapes; another such mix compiles nothing more."""

@@ -25,14 +25,14 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tpustack.config import ModelConfig
 from tpustack.errors import UserError
-from tpustack.infer.paged import PAGED_DTYPES, init_pages, paged_step, speculative_paged_step
+from tpustack.infer.paged import PAGED_DTYPES, blocked_layout, init_pages, paged_step, speculative_paged_step
 from tpustack.infer.pages import NULL_PAGE, PagePool
 from tpustack.infer.sampling import SamplingParams
+from tpustack.kernels import paged_attention_impl
 from tpustack.model.transformer import Decoder, unstack_layers
 
 
@@ -50,6 +50,9 @@ class EngineConfig:
     token_buckets: tuple[int, ...] = ()
     seq_buckets: tuple[int, ...] = ()
     max_top_logprobs: int = 0  # the most top_logprobs a request may ask for (0: none)
+    # XLA attention (tpustack.infer.paged.blocked_layout): keys per work item, queries per prompt tile
+    kv_block: int = 128
+    query_tile: int = 32
 
     def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(token buckets, sequence buckets), ascending; the last of each is the step's limit."""
@@ -65,8 +68,10 @@ class EngineConfig:
         if self.token_budget < self.max_seqs:
             raise UserError(f"token_budget {self.token_budget} < max_seqs {self.max_seqs}: every scheduled "
                             "sequence needs at least one token; raise token_budget")
-        if min(self.page_size, self.max_seqs, self.chunk_size + 1) < 1 or self.num_pages < 2:
-            raise UserError("page_size, max_seqs >= 1, chunk_size >= 0 and num_pages >= 2 are needed")
+        if min(self.page_size, self.max_seqs, self.chunk_size + 1, self.kv_block, self.query_tile) < 1 \
+                or self.num_pages < 2:
+            raise UserError("page_size, max_seqs, kv_block, query_tile >= 1, chunk_size >= 0 and num_pages >= 2 "
+                            "are needed")
         tokens, seqs = self.buckets()
         if tokens[-1] < self.token_budget or seqs[-1] < self.max_seqs:
             raise UserError(f"token_buckets {tokens} / seq_buckets {seqs}: the largest must hold token_budget "
@@ -153,6 +158,10 @@ class Engine:
         self.pages = jax.device_put(self.pages, jax.devices()[0])
         self.max_pages = self.pool.pages_for(self.cfg.max_seq_len)
         self.token_buckets, self.seq_buckets = engine_cfg.buckets()
+        # XLA attention runs blocked (each sequence's live pages read once a step); the Pallas
+        # kernel reads pages in place from per-token block tables, as the speculative step does
+        self.blocked = self.draft_cfg is None and paged_attention_impl(
+            engine_cfg.page_size, self.cfg.heads_dim, self.cfg.dtype, engine_cfg.attention_impl) != "pallas"
         if self.draft_cfg is None:
             self._step = _jitted_step(self.cfg, engine_cfg.attention_impl, engine_cfg.max_top_logprobs)
         else:
@@ -272,7 +281,8 @@ class Engine:
         s = next(b for b in self.seq_buckets if b >= len(batch))
         tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
         seq = np.full(t, s, np.int32)
-        tables = np.full((s + 1, self.max_pages), NULL_PAGE, np.int32)
+        tables = None if self.blocked else np.full((s + 1, self.max_pages), NULL_PAGE, np.int32)
+        rows = []
         last, spec = np.zeros(s, np.int32), np.zeros(s, bool)
         temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
         top_k, seed = np.zeros(s, np.int32), np.zeros(s, np.uint32)
@@ -283,7 +293,10 @@ class Engine:
             positions[at:at + n] = np.arange(req.computed, req.computed + n)
             seq[at:at + n] = row
             table = self.pool.table(req.id)
-            tables[row, :len(table)] = table
+            if self.blocked:
+                rows.append((at, n, req.computed, table))
+            else:
+                tables[row, :len(table)] = table
             last[row] = at if req.speculating else at + n - 1  # speculating: the pending token's slot
             spec[row] = req.speculating
             sp = req.sampling
@@ -292,8 +305,12 @@ class Engine:
         self.stats.scheduled_tokens += used
         self.stats.padded_tokens += t - used
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        if self.blocked:  # the layout replaces seq and tables
+            layout = blocked_layout(rows, t, s, self.ecfg.page_size, self.ecfg.kv_block, self.ecfg.query_tile,
+                                    self.cfg.max_seq_len)
+            return tokens, positions, None, None, last, sampling, layout
         if self.draft_cfg is None:
-            return tokens, positions, seq, tables, last, sampling
+            return tokens, positions, seq, tables, last, sampling, None
         return tokens, positions, seq, tables, last, spec, sampling
 
     def step(self) -> list[StepOutput]:
@@ -301,9 +318,8 @@ class Engine:
         batch = self.schedule()
         if not batch:
             return []
-        arrays = self._arrays(batch)
-        out, self.pages = self._step(self.params, self.pages, *(jnp.asarray(a) for a in arrays[:-1]),
-                                     {k: jnp.asarray(v) for k, v in arrays[-1].items()})
+        arrays = jax.device_put(self._arrays(batch))  # one transfer call for the step's inputs
+        out, self.pages = self._step(self.params, self.pages, *arrays)
         out = {k: np.asarray(v) for k, v in out.items()}
         now = time.monotonic()
         self.stats.steps += 1
@@ -388,9 +404,10 @@ def _jitted_step(cfg: ModelConfig, impl: str, top_logprobs: int) -> Callable:
     """One jitted step per (model config, attention impl, top logprobs): engines on the same
     model share compiled shapes. The pages are donated: the step updates them in place."""
     model = Decoder(cfg)
-    return jax.jit(lambda params, pages, *args: paged_step(model, params, pages, *args, impl=impl,
-                                                           top_logprobs=top_logprobs),
-                   donate_argnums=(1,))
+    def step(params, pages, tokens, positions, seq, tables, last, sampling, layout):
+        return paged_step(model, params, pages, tokens, positions, seq, tables, last, sampling, impl=impl,
+                          top_logprobs=top_logprobs, layout=layout)
+    return jax.jit(step, donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=16)

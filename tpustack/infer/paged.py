@@ -10,20 +10,32 @@ token attends, as its own query row, over its sequence's first pos + 1 slots thr
 tpustack.kernels.paged_attention (Pallas on TPU/GPU, XLA on CPU). Writing before reading
 is what makes a prompt chunk see itself causally and the earlier chunks of its prompt.
 Padding tokens use an all-null table row: they write to page 0 and read only it.
+
+On XLA (CPU) the engine hands the step a blocked layout instead (`blocked_layout`, built on
+the host): attention reads each sequence's pages once, in blocks of kv_block tokens. A row
+feeding one token (decode) is one query against its live blocks; a row feeding a chunk is
+cut into tiles of query_tile tokens, each against the blocks up to its last position
+(causal). Every (query group, block) pair is one work item: its scores, running max and
+sum; items combine per query group as in flash-decoding. So a T-token prompt chunk reads
+its pages T / query_tile times instead of T times, and no step reads pages past the
+longest live context, whatever max_seq_len is. The shapes are the item counts, bucketed.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from tpustack.config import ModelConfig
 from tpustack.infer.sampling import sample_tokens
 from tpustack.infer.speculative import accept, propose
 from tpustack.kernels import paged_attention
+from tpustack.kernels.compat import MASK_VALUE
 from tpustack.model.transformer import Decoder
 
 PAGED_DTYPES = ("float32", "bfloat16", "float16")
@@ -31,11 +43,13 @@ PAGED_DTYPES = ("float32", "bfloat16", "float16")
 
 @struct.dataclass
 class PagedLayerCache:
-    """One layer's pages [P, L, K, H], plus each step token's block table [T, M]."""
+    """One layer's pages [P, L, K, H], plus the step's attention layout: each token's block
+    table [T, M] (per-token paged kernel), or the blocked layout of `blocked_layout` (XLA)."""
 
     k_PLKH: jax.Array
     v_PLKH: jax.Array
-    table_TM: jax.Array
+    table_TM: jax.Array | None = None
+    layout: dict | None = None
     impl: str = struct.field(pytree_node=False, default="auto")
     interpret: bool | None = struct.field(pytree_node=False, default=None)  # None: on CPU only
 
@@ -43,7 +57,10 @@ class PagedLayerCache:
         """Scatter the step's keys/values (B == 1) into their pages."""
         size = self.k_PLKH.shape[1]
         pos_T = positions_BT[0]
-        page_T = jnp.take_along_axis(self.table_TM, (pos_T // size)[:, None], axis=1)[:, 0]
+        if self.layout is not None:
+            page_T = self.layout["page_T"]
+        else:
+            page_T = jnp.take_along_axis(self.table_TM, (pos_T // size)[:, None], axis=1)[:, 0]
         slot_T = pos_T % size
         dtype = self.k_PLKH.dtype
         return self.replace(k_PLKH=self.k_PLKH.at[page_T, slot_T].set(k_BTKH[0].astype(dtype)),
@@ -51,9 +68,123 @@ class PagedLayerCache:
 
     def attend(self, q_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Each token over its own sequence's keys up to and including its position."""
+        if self.layout is not None:
+            return blocked_attention(q_BTNH[0], self.k_PLKH, self.v_PLKH, self.layout)[None].astype(q_BTNH.dtype)
         out_TNH = paged_attention(q_BTNH[0], self.k_PLKH, self.v_PLKH, self.table_TM, positions_BT[0] + 1,
                                   impl=self.impl, interpret=self.interpret)
         return out_TNH[None].astype(q_BTNH.dtype)
+
+
+def _items_attention(q_XQNH, pos_XQ, k_PLKH, v_PLKH, item_x, item_pages, item_start, count) -> jax.Array:
+    """Queries in groups X of Q (rows or tiles) over work items (group x, a block of pages from
+    key position start): softmax over each query's keys at or before its position, in f32.
+
+    Items come in `count` (dynamic) chunks of a fixed size; a loop runs only those, folding each
+    chunk's scores into running (max, sum, out) per query, so the item arrays can be sized
+    for the longest contexts while a step reads only live blocks. Items of group X (padding)
+    are dropped; a query with no visible key gets zeros."""
+    X, Q, N, H = q_XQNH.shape
+    K = k_PLKH.shape[2]
+    G = N // K
+    chunk = item_chunk(X, Q)
+    q_XQKGH = q_XQNH.astype(jnp.float32).reshape(X, Q, K, G, H) * H ** -0.5
+
+    def fold(c, carry):
+        m_XKGQ, l_XKGQ, o_XKGQH = carry
+        x_I, pages_IB, start_I = (jax.lax.dynamic_slice_in_dim(a, c * chunk, chunk)
+                                  for a in (item_x, item_pages, item_start))
+        live_I, xc_I = x_I < X, jnp.minimum(x_I, X - 1)
+        k_ICKH = k_PLKH[pages_IB].reshape(chunk, -1, K, H).astype(jnp.float32)
+        v_ICKH = v_PLKH[pages_IB].reshape(chunk, -1, K, H).astype(jnp.float32)
+        C = k_ICKH.shape[1]
+        s_IKGQC = jnp.einsum("iqkgh,ickh->ikgqc", q_XQKGH[xc_I], k_ICKH)
+        valid_IQC = (start_I[:, None, None] + jnp.arange(C)[None, None, :]) <= pos_XQ[xc_I][:, :, None]
+        valid_IQC &= live_I[:, None, None]
+        s_IKGQC = jnp.where(valid_IQC[:, None, None], s_IKGQC, MASK_VALUE)
+        m_IKGQ = s_IKGQC.max(-1)
+        p_IKGQC = jnp.where(valid_IQC[:, None, None], jnp.exp(s_IKGQC - m_IKGQ[..., None]), 0.0)
+        o_IKGQH = jnp.einsum("ikgqc,ickh->ikgqh", p_IKGQC, v_ICKH)
+        new_XKGQ = jnp.maximum(m_XKGQ, jax.ops.segment_max(m_IKGQ, x_I, num_segments=X))  # padding ids drop
+        w_IKGQ = jnp.where(live_I[:, None, None, None], jnp.exp(m_IKGQ - new_XKGQ[xc_I]), 0.0)
+        r_XKGQ = jnp.exp(m_XKGQ - new_XKGQ)
+        l_XKGQ = l_XKGQ * r_XKGQ + jax.ops.segment_sum(p_IKGQC.sum(-1) * w_IKGQ, x_I, num_segments=X)
+        o_XKGQH = o_XKGQH * r_XKGQ[..., None] + jax.ops.segment_sum(o_IKGQH * w_IKGQ[..., None], x_I,
+                                                                    num_segments=X)
+        return new_XKGQ, l_XKGQ, o_XKGQH
+
+    init = (jnp.full((X, K, G, Q), MASK_VALUE, jnp.float32), jnp.zeros((X, K, G, Q), jnp.float32),
+            jnp.zeros((X, K, G, Q, H), jnp.float32))
+    _, l_XKGQ, o_XKGQH = jax.lax.fori_loop(0, count, fold, init)
+    o_XKGQH = o_XKGQH / jnp.where(l_XKGQ > 0, l_XKGQ, 1.0)[..., None]
+    return jnp.transpose(o_XKGQH, (0, 3, 1, 2, 4)).reshape(X, Q, N, H)
+
+
+def blocked_attention(q_TNH: jax.Array, k_PLKH: jax.Array, v_PLKH: jax.Array, layout: dict) -> jax.Array:
+    """The step's attention on XLA from a `blocked_layout`: one-token rows and query tiles, each
+    over its sequence's page blocks; [T, N, H] (tokens in neither group, padding, get zeros)."""
+    T, N, H = q_TNH.shape
+    out_TNH = jnp.zeros((T, N, H), jnp.float32)
+    for g in ("a", "b"):
+        tok_XQ = layout[f"{g}_tok"]
+        q_XQNH = q_TNH[jnp.minimum(tok_XQ, T - 1)]
+        o_XQNH = _items_attention(q_XQNH, layout[f"{g}_pos"], k_PLKH, v_PLKH, layout[f"{g}_item"],
+                                  layout[f"{g}_pages"], layout[f"{g}_start"], layout[f"{g}_count"])
+        out_TNH = out_TNH.at[tok_XQ.reshape(-1)].set(o_XQNH.reshape(-1, N, H), mode="drop")
+    return out_TNH
+
+
+def item_chunk(groups: int, queries: int) -> int:
+    """Work items per loop iteration: one per row for one-token rows, one per two tiles for tiles."""
+    return max(groups if queries == 1 else groups // 2, 1)
+
+
+def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seqs: int, page_size: int,
+                   kv_block: int, query_tile: int, context: int, null_page: int = 0) -> dict[str, np.ndarray]:
+    """The blocked attention layout of a step (host side, numpy).
+
+    rows: per sequence row, (first step slot, tokens fed, position of the first, block table).
+    A row feeding one token is group a (row r: query slot a_tok[r]); a row feeding more is cut
+    into tiles of query_tile slots (group b). Work items list, per group, the page blocks of
+    kv_block tokens each query group sees, in chunks of `item_chunk`; the arrays hold room for
+    every group at the full `context` (so a shape is just (tokens, seqs)), padded with the
+    out-of-range group id, and {a,b}_count says how many chunks are live. page_T: the page each
+    step slot writes (padding: the null page).
+    """
+    bp = max(kv_block // page_size, 1)  # pages per block
+    span = bp * page_size
+    tiles = math.ceil(tokens / query_tile) + min(seqs, tokens // 2)  # a chunk wastes < 1 tile
+    page_T = np.full(tokens, null_page, np.int32)
+    a_tok, a_pos = np.full((seqs, 1), tokens, np.int32), np.full((seqs, 1), -1, np.int32)
+    b_tok, b_pos = np.full((tiles, query_tile), tokens, np.int32), np.full((tiles, query_tile), -1, np.int32)
+    items: dict[str, list] = {"a": [], "b": []}
+    g = 0
+    for r, (at, n, p0, table) in enumerate(rows):
+        pos = np.arange(p0, p0 + n)
+        padded = np.asarray(table + [null_page] * (-len(table) % bp), np.int32)
+        page_T[at:at + n] = padded[pos // page_size]
+        if n == 1:
+            a_tok[r], a_pos[r] = at, p0
+            items["a"] += [(r, padded[b * bp:(b + 1) * bp], b * span) for b in range(p0 // span + 1)]
+            continue
+        for j in range(0, n, query_tile):
+            m = min(query_tile, n - j)
+            b_tok[g, :m], b_pos[g, :m] = np.arange(at + j, at + j + m), pos[j:j + m]
+            items["b"] += [(g, padded[b * bp:(b + 1) * bp], b * span) for b in range(pos[j + m - 1] // span + 1)]
+            g += 1
+    out = {"page_T": page_T, "a_tok": a_tok, "a_pos": a_pos, "b_tok": b_tok, "b_pos": b_pos}
+    blocks = math.ceil(context / span)
+    for name, groups, queries in (("a", seqs, 1), ("b", tiles, query_tile)):
+        chunk = item_chunk(groups, queries)
+        cap = math.ceil(groups * blocks / chunk) * chunk
+        x, pages, start = np.full(cap, groups, np.int32), np.full((cap, bp), null_page, np.int32), np.zeros(cap, np.int32)
+        live = items[name]
+        if live:
+            x[:len(live)] = [i[0] for i in live]
+            pages[:len(live)] = np.stack([i[1] for i in live])
+            start[:len(live)] = [i[2] for i in live]
+        out[f"{name}_item"], out[f"{name}_pages"], out[f"{name}_start"] = x, pages, start
+        out[f"{name}_count"] = np.int32(math.ceil(len(live) / chunk))
+    return out
 
 
 def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype: str = "float32") -> tuple:
@@ -71,8 +202,8 @@ def pages_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype: str = "
 
 def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, positions_T: jax.Array,
                seq_T: jax.Array, tables_SM: jax.Array, last_S: jax.Array, sampling: dict[str, jax.Array],
-               impl: str = "auto", interpret: bool | None = None, top_logprobs: int = 0
-               ) -> tuple[dict[str, jax.Array], tuple]:
+               impl: str = "auto", interpret: bool | None = None, top_logprobs: int = 0,
+               layout: dict | None = None) -> tuple[dict[str, jax.Array], tuple]:
     """Run the step's tokens, sample one token per sequence at its last token.
 
     Returns ({"next": [S], "logprob": [S], and with top_logprobs > 0 "top_ids",
@@ -80,10 +211,11 @@ def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, p
     (log_softmax of the raw logits, before temperature and filtering), as OpenAI reports.
     `sampling` holds per-sequence temperature, top_k, top_p and seed [S]; the key of a
     sequence's token at position p is fold_in(key(seed), p), as in the decode loop, so a
-    request samples the same tokens whatever shares its steps.
+    request samples the same tokens whatever shares its steps. With `layout` (XLA: see
+    `blocked_layout`) attention runs blocked and seq_T / tables_SM may be None.
     """
-    table_TM = tables_SM[seq_T]
-    caches = tuple(PagedLayerCache(k, v, table_TM, impl, interpret) for k, v in pages)
+    table_TM = None if layout is not None else tables_SM[seq_T]
+    caches = tuple(PagedLayerCache(k, v, table_TM, layout, impl, interpret) for k, v in pages)
     logits_BSV, caches = model.apply({"params": params}, tokens_T[None], positions_T[None], cache=caches,
                                      select_BS=last_S[None])
     params_S = {"temperature": sampling["temperature"], "top_k": sampling["top_k"], "top_p": sampling["top_p"],
@@ -120,7 +252,7 @@ def speculative_paged_step(target: Decoder, draft: Decoder, params: tuple, pages
              "key": jax.vmap(jax.random.key)(sampling["seed"])}
     pos_S = positions_T[last_S]  # a speculating sequence's pending position
 
-    caches = tuple(PagedLayerCache(kp, vp, table_TM, impl, interpret) for kp, vp in draft_pages)
+    caches = tuple(PagedLayerCache(kp, vp, table_TM, None, impl, interpret) for kp, vp in draft_pages)
     logits_BSV, caches = draft.apply({"params": draft_params}, tokens_T[None], positions_T[None], cache=caches,
                                      select_BS=last_S[None])
     spec_tables_SM = jnp.where(spec_S[:, None], tables_SM[:s], 0)  # others write their serial steps to page 0
@@ -139,7 +271,7 @@ def speculative_paged_step(target: Decoder, draft: Decoder, params: tuple, pages
     slots_SR = jnp.minimum(last_S[:, None] + jnp.arange(r)[None, :], t - 1)
     fill_SK = jnp.where(spec_S[:, None], slots_SR[:, 1:], t)  # t: dropped
     tokens_T = tokens_T.at[fill_SK].set(drafts_SK, mode="drop")
-    caches = tuple(PagedLayerCache(kp, vp, table_TM, impl, interpret) for kp, vp in target_pages)
+    caches = tuple(PagedLayerCache(kp, vp, table_TM, None, impl, interpret) for kp, vp in target_pages)
     logits_BXV, caches = target.apply({"params": target_params}, tokens_T[None], positions_T[None], cache=caches,
                                       select_BS=slots_SR.reshape(1, s * r))
     logits_SRV = logits_BXV[0].reshape(s, r, -1)
