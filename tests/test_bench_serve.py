@@ -79,6 +79,9 @@ def test_bench_serve_engine_static_and_hf_agree(tmp_path, capsys):
     assert report["agreement"]["engine_vs_hf"]["all_equal"] == 1.0
     assert report["extras"]["engine"]["pages_in_use_after"] == 0
     assert "TPOT p50 ms" in printed and "greedy agreement engine_vs_static: first token 100.0%" in printed
+    # each mode's figures print as it ends (the JSON is rewritten then too), in the order run
+    assert report["modes"] == ["engine", "static", "hf"]
+    assert printed.index("[engine done]") < printed.index("[static done]") < printed.index("[hf done]")
 
 
 def test_bench_serve_bad_flags_are_one_line_errors(capsys):
@@ -86,6 +89,8 @@ def test_bench_serve_bad_flags_are_one_line_errors(capsys):
     assert "--static/--peer with --url: give --checkpoint" in capsys.readouterr().err
     assert main(["bench", "serve", "--rate", "0"]) == 2
     assert "--rate 0.0: must be > 0" in capsys.readouterr().err
+    assert main(["bench", "serve", "--modes", "engine,peer"]) == 2
+    assert "--modes 'engine,peer': give a comma list of engine, server, static, hf" in capsys.readouterr().err
 
 
 def test_one_warm_up_pass_compiles_every_shape_the_timed_pass_needs():

@@ -3,6 +3,7 @@
     tpustack bench decode [--checkpoint DIR] [--batch B --prompt-len L --new-tokens N --price-per-hour P]
     tpustack bench serve [--checkpoint DIR | --config configs/bench_125m.py] [--url http://127.0.0.1:8000]
                          [--num-prompts 64 --concurrency 64 | --rate R] [--static] [--peer hf]
+                         [--modes engine,static,hf]
                          [--slo-ttft MS --slo-tpot MS] [--out FILE.json (local or gs://)]
 
 `bench serve` runs one seeded workload (tpustack.infer.loadgen) through the engine in this
@@ -54,6 +55,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--url", default=None, help="a running server's base URL (default: the engine in-process)")
     g.add_argument("--model", default=None, help="--url: the model id (default: the server's first)")
     g.add_argument("--api-key", default=None)
+    g.add_argument("--modes", default=None, help="comma list of engine, server, static, hf, run in this order "
+                   "on the same seeded workload, each printed (and --out written) as it ends (default: engine or "
+                   "server, plus --static / --peer)")
     g.add_argument("--static", action="store_true", help="also run static pad-to-longest batches (decode loop)")
     g.add_argument("--peer", choices=["hf"], default=None, help="also run transformers' generate in batches")
     g.add_argument("--batch", type=int, default=None, help="static / HF batch size (default: --concurrency, "

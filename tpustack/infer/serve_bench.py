@@ -31,6 +31,23 @@ from tpustack.infer.loadgen import agreement, make_workload, render, summarize
 from tpustack.weights import init_weights, load_weights
 
 AGREEMENT_FLOOR = 0.95
+MODES = ("engine", "server", "static", "hf")
+
+
+def modes_of(args: argparse.Namespace) -> list[str]:
+    """The modes to run, in order: --modes if given, else engine (server with --url) plus
+    --static and --peer hf."""
+    if args.modes:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad or not modes:
+            raise UserError(f"--modes {args.modes!r}: give a comma list of {', '.join(MODES)}")
+        if "server" in modes and not args.url:
+            raise UserError("--modes server: needs --url (a running tpustack serve)")
+        if "engine" in modes and args.url:
+            raise UserError("--modes engine with --url: the engine runs in-process; use server")
+        return list(dict.fromkeys(modes))
+    return ["server" if args.url else "engine"] + ["static"] * args.static + ["hf"] * (args.peer == "hf")
 
 
 def machine() -> str:
@@ -60,7 +77,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--warmup and --num-pages: must be >= 0")
     if not args.rate > 0:
         raise UserError(f"--rate {args.rate}: must be > 0 (default: every request at once)")
-    if args.url and (args.static or args.peer) and args.checkpoint is None:
+    modes = modes_of(args)
+    if args.url and ({"static", "hf"} & set(modes)) and args.checkpoint is None:
         raise UserError("--static/--peer with --url: give --checkpoint (the server's weights) so every mode "
                         "runs the same model")
     if args.url and args.draft:
@@ -88,8 +106,10 @@ def _timed(run, workload, warmup: int, vocab: int, head: int | None = None):
 
 
 def bench_serve(args: argparse.Namespace) -> int:
-    """Run every mode asked for; print the table; write JSON; exit 3 if engine and static disagree."""
+    """Run every mode asked for, printing each one's figures (and writing the JSON so far) as
+    soon as it ends; then the table side by side; exit 3 if engine and static disagree."""
     check_args(args)
+    modes = modes_of(args)
     weights = load_weights(args.checkpoint) if args.checkpoint else init_weights(load_config(args.config).model)
     cfg, params = weights.cfg, weights.params
     workload = make_workload(args.num_prompts, cfg.vocab_size, cfg.max_seq_len, args.seed, args.prompt_len,
@@ -98,48 +118,30 @@ def bench_serve(args: argparse.Namespace) -> int:
     batch = args.batch or args.concurrency or args.max_seqs
     conc = args.concurrency
     records, extras = {}, {}
-    if args.url:
-        records["server"] = _timed(lambda w: run_http(args.url, w, conc, args.model, args.api_key),
-                                   workload, args.warmup, cfg.vocab_size)
-    else:
-        draft = None
-        if args.draft:
-            d = load_weights(args.draft)
-            draft = (d.cfg, d.params)
-        ecfg = engine_config(args, cfg.max_seq_len, workload)
-        engine = Engine(cfg, params, ecfg, eos_id=-1, draft=draft, k=args.speculate_k)
-        records["engine"], extras["engine"] = _timed(lambda w: run_engine(engine, w, conc), workload,
-                                                     args.warmup, cfg.vocab_size)
-        extras["engine"]["config"] = {k: v for k, v in vars(ecfg).items() if not isinstance(v, tuple)}
-    if args.static:
-        gen = Generator(cfg, params, args.cache_dtype, eos_id=-1)
-        records["static"], extras["static"] = _timed(
-            lambda w: run_static(gen, w, batch, conc, args.static_rounds), workload, args.warmup, cfg.vocab_size)
-    if args.peer == "hf":
-        model = hf_model(cfg, params)
-        records["hf"], extras["hf"] = _timed(lambda w: run_hf(model, w, batch, conc), workload, args.warmup,
-                                             cfg.vocab_size, head=batch)  # torch compiles nothing
-    results = {mode: summarize(recs, args.slo_ttft, args.slo_tpot) for mode, recs in records.items()}
-    first = next(iter(records))
-    agree = {f"{first}_vs_{mode}": agreement(records[first], records[mode]) for mode in list(records)[1:]}
     report = {"machine": machine(), "weights": args.checkpoint or args.config,
               "params": cfg.num_params(), "args": {k: (None if v == math.inf else v) for k, v in vars(args).items()},
-              "workload": _describe(workload), "static_batch": batch, "results": results, "extras": extras,
-              "agreement": agree}
+              "modes": modes, "workload": _describe(workload), "static_batch": batch}
     print(f"{report['machine']}; {cfg.num_params() / 1e6:.1f}M parameters; {len(workload)} requests, "
           f"{report['workload']['prompt_tokens']} prompt + {report['workload']['output_tokens']} output tokens; "
           f"{'all at once' if args.rate == math.inf else f'{args.rate}/s Poisson'}, "
-          f"concurrency {conc or 'unbounded'}")
+          f"concurrency {conc or 'unbounded'}; modes {', '.join(modes)}", flush=True)
+    for mode in modes:
+        run, head, info = _mode_runner(mode, args, cfg, params, workload, batch)
+        got = _timed(run, workload, args.warmup, cfg.vocab_size, head=head)
+        records[mode], extras[mode] = got if isinstance(got, tuple) else (got, {})
+        extras[mode].update(info)
+        _report(report, records, extras, args)  # this mode's figures now: a long run shows progress
+        print(f"[{mode} done]", flush=True)
+        if mode == "engine":
+            _engine_lines(extras["engine"])
+        print(render({mode: report["results"][mode]}), flush=True)
+    agree, results = report["agreement"], report["results"]
+    print("\nall modes:")
     for pair, a in agree.items():
         if a.get("requests"):
             print(f"greedy agreement {pair}: first token {a['first_token_equal']:.1%}, whole output "
                   f"{a['all_equal']:.1%}, mean common prefix {a['mean_common_prefix']:.1%}")
-    if "engine" in extras:
-        _engine_lines(extras["engine"])
-    print(render(results))
-    if args.out:
-        paths.write_text(args.out, json.dumps(report, indent=1))
-        print(f"wrote {args.out}", file=sys.stderr)
+    print(render(results), flush=True)
     pair = agree.get("engine_vs_static")
     if pair and pair.get("requests") and pair["first_token_equal"] < AGREEMENT_FLOOR:
         print(f"error: engine and static decode disagree on the first token of "
@@ -148,21 +150,63 @@ def bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_lines(e: dict) -> None:
-    """The engine's KV waste, prefix cache, and its full-batch decode step against the matmul peak
-    measured now (tpustack.plan.chips: a large f32 jnp.dot on CPU; the chip table elsewhere)."""
+def _mode_runner(mode: str, args, cfg, params, workload, batch: int):
+    """(run(workload) -> records or (records, figures), warm-up head, figures to add) for one mode."""
+    conc = args.concurrency
+    if mode == "server":
+        return (lambda w: run_http(args.url, w, conc, args.model, args.api_key)), None, {}
+    if mode == "engine":
+        draft = None
+        if args.draft:
+            d = load_weights(args.draft)
+            draft = (d.cfg, d.params)
+        ecfg = engine_config(args, cfg.max_seq_len, workload)
+        engine = Engine(cfg, params, ecfg, eos_id=-1, draft=draft, k=args.speculate_k)
+        config = {k: v for k, v in vars(ecfg).items() if not isinstance(v, tuple)}
+        return (lambda w: run_engine(engine, w, conc)), None, {"config": config}
+    if mode == "static":
+        gen = Generator(cfg, params, args.cache_dtype, eos_id=-1)
+        return (lambda w: run_static(gen, w, batch, conc, args.static_rounds)), None, {}
+    model = hf_model(cfg, params)
+    return (lambda w: run_hf(model, w, batch, conc)), batch, {}  # torch compiles nothing: warm one batch
+
+
+def _report(report: dict, records: dict, extras: dict, args) -> None:
+    """Fill the report's results and agreement from the modes run so far; write --out if given."""
+    report["results"] = {mode: summarize(recs, args.slo_ttft, args.slo_tpot) for mode, recs in records.items()}
+    first = next(iter(records))
+    report["agreement"] = {f"{first}_vs_{mode}": agreement(records[first], records[mode])
+                           for mode in list(records)[1:]}
+    report["extras"] = extras
+    if "engine" in extras:
+        _peak_share(extras["engine"])
+    if args.out:
+        paths.write_text(args.out, json.dumps(report, indent=1))
+        print(f"wrote {args.out} ({', '.join(records)})", file=sys.stderr, flush=True)
+
+
+def _peak_share(e: dict) -> None:
+    """The engine's full-batch decode GFLOP/s against the matmul peak measured now (tpustack.plan.chips:
+    a large f32 jnp.dot on CPU; the chip table elsewhere)."""
     import jax
 
     from tpustack.plan.chips import chip_for_device
 
+    d = e.get("full_batch_decode")
+    if d and "matmul_peak_gflops" not in d:
+        peak = chip_for_device(jax.devices()[0]).peak_flops / 1e9
+        d["matmul_peak_gflops"], d["share_of_peak"] = peak, d["gflops"] / peak if peak else None
+
+
+def _engine_lines(e: dict) -> None:
+    """The engine's KV waste, prefix cache, and its full-batch decode step against the matmul peak."""
     waste = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
     print(f"engine: {e['steps']} steps, {e['preemptions']} preemptions, KV waste {waste(e['kv_waste_paged'])} "
           f"(a contiguous max-length cache: {waste(e['kv_waste_contiguous_max_len'])}), prefix-cache hit "
           f"rate {e['prefix_cache_hit_rate']:.1%}, compiled during the timed pass: {e['compiled_shapes_during_run']}")
     d = e.get("full_batch_decode")
     if d:
-        peak = chip_for_device(jax.devices()[0]).peak_flops / 1e9
-        d["matmul_peak_gflops"], d["share_of_peak"] = peak, d["gflops"] / peak if peak else None
+        peak = d["matmul_peak_gflops"]
         print(f"engine decode steps at {d['sequences']} sequences ({d['steps']} steps): median "
               f"{d['median_step_s'] * 1e3:.1f} ms, {d['tokens_per_s']:.0f} tokens/s, {d['gflops']:.1f} GFLOP/s"
               + (f" = {d['share_of_peak']:.0%} of the matmul peak ({peak:.0f} GFLOP/s)" if peak else ""))
