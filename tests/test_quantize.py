@@ -91,10 +91,74 @@ def test_awq_folds_leave_the_layer_function_unchanged(heads=(4, 4)):  # MHA: eve
     x = jax.random.normal(jax.random.key(0), (2, 16, 128)) * (1 + 10 * (jnp.arange(128) < 3))
     before = linear_inputs(cfg, layer, x)
     inputs = {k: np.asarray(v) for k, v in before.items() if k != "out"}
-    folded, alphas = awq.awq_layer(cfg, jax.tree.map(np.copy, layer), inputs, bits=4, group=128)
+    folded, alphas = awq.awq_layer(cfg, jax.tree.map(np.copy, layer), inputs, bits=4, group=128, clip=False)
     after = linear_inputs(cfg, folded, x)
     np.testing.assert_allclose(np.asarray(after["out"]), np.asarray(before["out"]), rtol=2e-4, atol=2e-4)
     assert ("o" in alphas) == (heads[0] == heads[1])
+
+
+def _gqa_model_and_tokens():
+    """A 2-layer GQA decoder with an untied head (small_12m's shape of folds) and calibration tokens."""
+    from tpustack.weights import init_weights
+
+    cfg = ModelConfig(vocab_size=128, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=256,
+                      max_seq_len=32, tie_embeddings=False)
+    cfg, params, _ = init_weights(cfg)
+    return cfg, params, np.asarray(jax.random.randint(jax.random.key(2), (4, 32), 0, 128), np.int32)
+
+
+def test_awq_at_alpha_0_without_clipping_is_rtn(monkeypatch):
+    """Grid {0} (s = 1) and no clip shrinks: the same codes, scales and zero points as RTN."""
+    from tpustack.compress.quantize import quantize_model
+
+    cfg, params, tokens = _gqa_model_and_tokens()
+    monkeypatch.setattr(awq, "GRID", 1)
+    monkeypatch.setattr(awq, "CLIP_MAX_SHRINK", 0.0)
+    _, got, info = quantize_model(cfg, params, "awq", 4, 128, tokens, progress=False)
+    _, want, _ = quantize_model(cfg, params, "rtn", 4, 128, progress=False)
+    assert {a for layer in info["alphas"].values() for k, a in
+            (layer.items() if isinstance(layer, dict) else [("", layer)]) if not k.startswith("clip")} == {0.0}
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_awq_model_folds_leave_the_logits_unchanged():
+    """Every fold of the driver (norms, up -> down, final_norm -> head; o under GQA unscaled)
+    without clipping: the float model's logits do not move, and the weights did."""
+    from tpustack.compress.quantize import _as_numpy, _awq_fold
+    from tpustack.model import Decoder
+
+    cfg, params, tokens = _gqa_model_and_tokens()
+    params = _as_numpy(params)
+    for layer in (params["layer_0"], params["layer_1"]):  # outlier channels, so alpha > 0 is chosen
+        layer["attn_norm"]["scale"][:3] *= 8.0
+        layer["mlp_norm"]["scale"][:3] *= 8.0
+    folded = jax.tree.map(np.copy, params)
+    alphas = _awq_fold(cfg, folded, tokens, 4, 128, clip=False)
+    assert max(alphas["layer_0"].values()) > 0
+    before = Decoder(cfg).apply({"params": params}, tokens)
+    after = Decoder(cfg).apply({"params": folded}, tokens)
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(folded["layer_0"]["mlp"]["up"], params["layer_0"]["mlp"]["up"])
+
+
+def test_awq_clip_search_lowers_the_layer_output_error():
+    """auto_clip on heavy-tailed weights: the group-wise shrinks lower the whole output error of
+    RTN (never raise it), and some groups are shrunk."""
+    rng = np.random.default_rng(3)
+    _, x = _layer_and_inputs(seed=3)
+    w = (rng.standard_t(3, (256, 96)) * 0.02).astype(np.float32)
+    clipped, shrink, errs = awq.search_clip(x, w, bits=4, group=128)
+    rtn = _out_err(x, w, dequantize_grouped(quantize_grouped(w, 4, 128)))
+    ours = _out_err(x, w, dequantize_grouped(quantize_grouped(clipped, 4, 128)))
+    assert ours < 0.9 * rtn, (ours, rtn)
+    assert shrink.shape == (2, 96) and 0 < shrink.max() <= 0.45 and shrink.min() == 0
+    assert errs["err_clip"] < errs["err_rtn"]
+    for seed in range(3):  # Gaussian weights, random inputs: never worse than no clipping
+        w, x = _layer_and_inputs(seed=10 + seed)
+        clipped, _, _ = awq.search_clip(x, w, bits=3, group=64)
+        assert (_out_err(x, w, dequantize_grouped(quantize_grouped(clipped, 3, 64)))
+                <= _out_err(x, w, dequantize_grouped(quantize_grouped(w, 3, 64))) * (1 + 1e-6))
 
 
 @pytest.mark.parametrize("group", [128, 64])  # 128 with K % 256 == 0: int4 kernel + zero-point term

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", type=int, default=128,
                         help="calibration sequences of held-out text for gptq/awq (default 128)")
     parser.add_argument("--act-order", action="store_true", help="gptq: quantize rows by decreasing H diagonal")
+    parser.add_argument("--awq-clip", action="store_true",
+                        help="awq: also the paper's weight-clipping search (raises small_12m's loss: docs/compression.md)")
     parser.add_argument("--seed", type=int, default=0, help="calibration sample seed")
     parser.add_argument("--out", required=True, help="the output directory (local or gs://); must be empty")
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     method = "rtn" if args.method == "rtn4" else args.method
     try:
         info = quantize_checkpoint(args.checkpoint, args.out, method, args.bits, args.group, args.calib,
-                                   args.act_order, args.seed)
+                                   args.act_order, args.seed, awq_clip=args.awq_clip)
     except ValueError as e:  # a shape the method cannot take (group vs. widths)
         raise UserError(f"--group {args.group}: {e}") from e
     bits = "" if method in ("int8", "nf4") else f" {args.bits}-bit g{args.group}"

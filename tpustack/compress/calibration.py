@@ -73,3 +73,19 @@ def embed(params: dict, tokens_BT: np.ndarray) -> jax.Array:
 def head_input(cfg: ModelConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
     """The LM head's input [B*T, D]: the final norm of the last layer's output."""
     return rms_norm(x_BTD, params["final_norm"]["scale"], cfg.norm_eps).reshape(-1, cfg.d_model)
+
+
+def heldout_tiles(config: Config, calib: int, seq_len: int | None = None, seed: int = 0) -> np.ndarray:
+    """[W, T + 1] int32: the whole held-out stream cut into back-to-back windows, less every window
+    that overlaps one of the `calib` calibration windows (calibration_tokens with the same seed), so
+    a quality table can evaluate every row on the most held-out text the calibration did not see."""
+    seq_len = seq_len or config.train.seq_len
+    tokens = load_tokens(config.data, load_tokenizer(config.data.tokenizer))["heldout"]
+    starts = Batcher(tokens, calib, seq_len, config.train.seed + seed, "heldout").offsets(CALIBRATION_STEP0)
+    edges = np.zeros(len(tokens) + 1, np.int32)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + seq_len + 1, -1)
+    seen = np.cumsum(edges)[: len(tokens)] > 0
+    n = len(tokens) // (seq_len + 1)
+    keep = [i for i in range(n) if not seen[i * (seq_len + 1): (i + 1) * (seq_len + 1)].any()]
+    return np.stack([np.asarray(tokens[i * (seq_len + 1): (i + 1) * (seq_len + 1)], np.int32) for i in keep])

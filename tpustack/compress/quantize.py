@@ -71,20 +71,25 @@ def _gptq_model(cfg: ModelConfig, params: dict, tokens: np.ndarray, bits: int, g
     return out
 
 
-def _awq_fold(cfg: ModelConfig, params: dict, tokens: np.ndarray, bits: int, group: int) -> dict:
-    """Search and fold AWQ scales into a float copy of the params (same function); returns alphas."""
+def _awq_fold(cfg: ModelConfig, params: dict, tokens: np.ndarray, bits: int, group: int,
+              clip: bool = False, attn_objective: bool = True) -> dict:
+    """Search and fold AWQ scales into a float copy of the params (same function), then clip (which
+    changes the float weights: only RTN of them is meant to run); returns alphas and shrinks."""
     x = embed(params, tokens)
     alphas = {}
     for i in range(cfg.num_layers):
         layer = params[f"layer_{i}"]
-        inputs = {k: np.asarray(v) for k, v in linear_inputs_jit(cfg, layer, x).items() if k != "out"}
-        _, alphas[f"layer_{i}"] = awq.awq_layer(cfg, layer, inputs, bits, group)
-        x = linear_inputs_jit(cfg, layer, x)["out"]
+        inputs = {k: np.asarray(v) for k, v in linear_inputs_jit(cfg, layer, x).items()}
+        x = inputs.pop("out")  # the next layer reads the float model's activations (clipping is not exact)
+        _, alphas[f"layer_{i}"] = awq.awq_layer(cfg, layer, inputs, bits, group, clip,
+                                                seq_len=tokens.shape[1] if attn_objective else None)
     if not cfg.tie_embeddings:
-        s, alphas["lm_head"], _ = awq.search_scale(np.asarray(head_input(cfg, params, x)),
-                                                   [params["lm_head"]], bits, group)
+        x_head = np.asarray(head_input(cfg, params, x))
+        s, alphas["lm_head"], _ = awq.search_scale(x_head, [params["lm_head"]], bits, group)
         params["final_norm"]["scale"] = params["final_norm"]["scale"] / s
         params["lm_head"] = params["lm_head"] * s[:, None]
+        if clip:
+            params["lm_head"], alphas["clip_lm_head"] = awq.clip_linear(params["lm_head"], x_head / s, bits, group)
     return alphas
 
 
@@ -116,8 +121,10 @@ def _pack_tree(params: dict, quantized: dict[tuple, dict]) -> dict:
 
 def quantize_model(cfg: ModelConfig, params: Any, method: str, bits: int = 4, group: int = 128,
                    tokens: np.ndarray | None = None, act_order: bool = False,
-                   progress: bool = True) -> tuple[ModelConfig, dict, dict]:
-    """(quantized ModelConfig, quantized param tree (numpy), info) of unrolled float params."""
+                   progress: bool = True, awq_clip: bool = False) -> tuple[ModelConfig, dict, dict]:
+    """(quantized ModelConfig, quantized param tree (numpy), info) of unrolled float params.
+    awq_clip: AWQ's weight-clipping search after its scales (off by default: on runs/small_12m it
+    lowers each linear's calibration output error and raises the held-out loss; docs/compression.md)."""
     if method in ("int8", "nf4"):
         qparams = jax.tree.map(np.asarray, jax.device_get(quantize_params(params, method)))
         return dataclasses.replace(cfg, weight_quant=method), qparams, {"method": method}
@@ -135,7 +142,8 @@ def quantize_model(cfg: ModelConfig, params: Any, method: str, bits: int = 4, gr
         info["act_order"] = act_order
     else:
         if method == "awq":
-            info["alphas"] = _awq_fold(cfg, fparams, tokens, bits, group)
+            info["alphas"] = _awq_fold(cfg, fparams, tokens, bits, group, clip=awq_clip)
+            info["awq_clip"] = awq_clip
         quantized = _rtn_all(cfg, fparams, bits, group)
     if tokens is not None:
         info["calib_tokens"] = int(math.prod(tokens.shape))
@@ -145,7 +153,8 @@ def quantize_model(cfg: ModelConfig, params: Any, method: str, bits: int = 4, gr
 
 
 def quantize_checkpoint(checkpoint: str, out: str, method: str, bits: int = 4, group: int = 128,
-                        calib: int = 128, act_order: bool = False, seed: int = 0, progress: bool = True) -> dict:
+                        calib: int = 128, act_order: bool = False, seed: int = 0, progress: bool = True,
+                        awq_clip: bool = False) -> dict:
     """load_weights(checkpoint) -> quantize -> write `out`; returns the info written (bytes included)."""
     from tpustack.compress.calibration import calibration_tokens
     from tpustack.interop.quantized_dir import write_quantized
@@ -154,7 +163,7 @@ def quantize_checkpoint(checkpoint: str, out: str, method: str, bits: int = 4, g
     cfg, params, _ = load_weights(checkpoint)
     config = source_config(checkpoint, cfg)
     tokens = calibration_tokens(config, calib, seed=seed) if method in NEEDS_CALIBRATION else None
-    qcfg, qparams, info = quantize_model(cfg, params, method, bits, group, tokens, act_order, progress)
+    qcfg, qparams, info = quantize_model(cfg, params, method, bits, group, tokens, act_order, progress, awq_clip)
     matmul = sum(int(np.prod(np.shape(flat_weight(w, k[-1])))) for k, w in _linears(_as_numpy(params)))
     info.update(source=checkpoint, seed=seed)
     info["bytes"] = write_quantized(out, dataclasses.replace(config, model=qcfg), qparams, info)
