@@ -1,8 +1,8 @@
 """Speculative decoding: a draft proposes k tokens, the target checks all k + 1 in one pass.
 
 One round, per row (chapter 30.4f): the draft feeds the pending token and its own
-proposals (k + 1 cheap serial steps, so its cache also covers the last proposal), giving
-d_1..d_k with draft distributions q_i. The target scores [pending, d_1..d_k] at once,
+proposals (k cheap serial calls; the first also re-feeds the previous token, so its cache
+covers the last round's d_k when all were accepted), giving d_1..d_k with draft distributions q_i. The target scores [pending, d_1..d_k] at once,
 giving p_1..p_{k+1}. d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the
 first rejection the row takes a sample from normalise(max(0, p_i - q_i)) instead, and if
 all k are accepted it takes a bonus sample from p_{k+1}. This makes the committed tokens
@@ -87,30 +87,61 @@ def accept(logits_BRV: jax.Array, q_BKV: jax.Array, drafts_BK: jax.Array, sampli
     return jnp.where(jnp.arange(r)[None, :] == n_B[:, None], fix_B[:, None], new_BR), n_B
 
 
+def greedy_accept(logits_BRV: jax.Array, drafts_BK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`accept` when every row is greedy: the target's argmax at every slot, and the length
+    of the prefix where the drafts equal it (what the general rule gives with one-hot p, q)."""
+    best_BR = jnp.argmax(logits_BRV, axis=-1).astype(jnp.int32)
+    n_B = jnp.sum(jnp.cumprod(drafts_BK == best_BR[:, :-1], axis=1), axis=1)
+    return best_BR, n_B
+
+
+def _draft_inputs(state: DecodeState) -> tuple[jax.Array, jax.Array]:
+    """The draft's first call of a round: [previous, pending] at [pos - 1, pos], so the draft's
+    cache also gets d_k when the last round accepted all k drafts, without a (k+1)-th draft
+    step. Right after prefill (one committed token) the previous token is the prompt's, already
+    cached: feed the pending token twice at pos (both slots write the same keys and values)."""
+    has_prev_B = state.count_B >= 2
+    prev_B = jnp.take_along_axis(state.out_BN, jnp.maximum(state.count_B - 2, 0)[:, None], axis=1)[:, 0]
+    tokens_B2 = jnp.stack([jnp.where(has_prev_B, prev_B, state.pending_B), state.pending_B], axis=1)
+    positions_B2 = jnp.stack([jnp.where(has_prev_B, state.pos_B - 1, state.pos_B), state.pos_B], axis=1)
+    return tokens_B2, positions_B2
+
+
 def speculative_round(target: Decoder, draft: Decoder, params: tuple, state: DecodeState, sampling: dict,
                       k: int) -> tuple[jax.Array, jax.Array, DecodeState]:
-    """Propose k tokens with the draft, verify with the target: (tokens [B, k+1], counts [B], state)."""
+    """Propose k tokens with the draft, verify with the target: (tokens [B, k+1], counts [B], state).
+
+    k draft calls (the first feeds two tokens, see _draft_inputs), unrolled, and one target call
+    of k + 1 tokens. All-greedy batches skip the draft's distributions and every random draw
+    (lax.cond on device: no host round trip)."""
     target_params, draft_params = params
     target_cache, draft_cache = state.caches
     pos_B = state.pos_B
+    any_sampled = jnp.any(sampling["temperature"] > 0)
+    b, v = pos_B.shape[0], target.cfg.vocab_size
 
-    def draft_step(carry, i):
-        token_B, cache = carry
-        logits_BTV, cache = draft.apply({"params": draft_params}, token_B[:, None], (pos_B + i)[:, None],
-                                        cache=cache)
-        proposal_B, q_BV = propose(logits_BTV[:, 0], sampling, pos_B + i + 1)
-        return (proposal_B, cache), (proposal_B, q_BV)
+    def proposal(logits_BV, positions_B):
+        return jax.lax.cond(any_sampled, lambda x: propose(x, sampling, positions_B),
+                            lambda x: (jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.zeros((b, v), jnp.float32)),
+                            logits_BV)
 
-    (_, draft_cache), (proposals_KB, q_KBV) = jax.lax.scan(draft_step, (state.pending_B, draft_cache),
-                                                           jnp.arange(k + 1))
-    drafts_BK = proposals_KB[:k].T
-    q_BKV = jnp.swapaxes(q_KBV[:k], 0, 1)
+    tokens_BT, positions_BT = _draft_inputs(state)
+    proposals, qs = [], []
+    for i in range(k):  # unrolled: k is small, and each call's shapes are static
+        logits_BTV, draft_cache = draft.apply({"params": draft_params}, tokens_BT, positions_BT, cache=draft_cache)
+        proposal_B, q_BV = proposal(logits_BTV[:, -1].astype(jnp.float32), pos_B + i + 1)
+        proposals.append(proposal_B)
+        qs.append(q_BV)
+        tokens_BT, positions_BT = proposal_B[:, None], (pos_B + i + 1)[:, None]
+    drafts_BK = jnp.stack(proposals, axis=1)
+    q_BKV = jnp.stack(qs, axis=1)
 
     tokens_BR = jnp.concatenate([state.pending_B[:, None], drafts_BK], axis=1)  # R = k + 1
     positions_BR = pos_B[:, None] + jnp.arange(k + 1)[None, :]
     logits_BRV, target_cache = target.apply({"params": target_params}, tokens_BR, positions_BR,
                                             cache=target_cache)
-    new_BR, n_B = accept(logits_BRV, q_BKV, drafts_BK, sampling, pos_B)
+    new_BR, n_B = jax.lax.cond(any_sampled, lambda x: accept(x, q_BKV, drafts_BK, sampling, pos_B),
+                               lambda x: greedy_accept(x, drafts_BK), logits_BRV)
     live_B = ~state.done_B
     state = state.replace(caches=(target_cache, draft_cache),
                           drafted_B=state.drafted_B + jnp.where(live_B, k, 0),
