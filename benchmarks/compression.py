@@ -124,45 +124,26 @@ def f32_row(ctx: Context) -> dict:
     return {"nats_per_byte": ctx.loss(ctx.cfg, ctx.params, "f32"), "bytes_per_weight": 4.0, "weight_quant": "none"}
 
 
-@row("int8")
-def int8_row(ctx: Context) -> dict:
-    return ctx.quantized_row("int8", "int8")
+# The quantized rows: name -> quantize_checkpoint's (method, bits, keyword arguments).
+QUANTIZED_ROWS = {
+    "int8": ("int8", 4, {}),
+    "rtn4_g128": ("rtn", 4, {}),
+    "gptq4_g128": ("gptq", 4, {}),
+    "awq4_g128": ("awq", 4, {}),
+    "awq4_clip_g128": ("awq", 4, {"awq_clip": True}),  # with the paper's weight-clipping search
+    "nf4": ("nf4", 4, {}),
+    "rtn3_g128": ("rtn", 3, {}),
+    "gptq3_g128": ("gptq", 3, {}),
+}
 
 
-@row("rtn4_g128")
-def rtn4_row(ctx: Context) -> dict:
-    return ctx.quantized_row("rtn4_g128", "rtn", 4)
+def quantized_row(ctx: Context, name: str) -> dict:
+    method, bits, kw = QUANTIZED_ROWS[name]
+    return ctx.quantized_row(name, method, bits, **kw)
 
 
-@row("gptq4_g128")
-def gptq4_row(ctx: Context) -> dict:
-    return ctx.quantized_row("gptq4_g128", "gptq", 4)
-
-
-@row("awq4_g128")
-def awq4_row(ctx: Context) -> dict:
-    return ctx.quantized_row("awq4_g128", "awq", 4)
-
-
-@row("awq4_clip_g128")
-def awq4_clip_row(ctx: Context) -> dict:
-    """AWQ with the paper's weight-clipping search after the scale folds."""
-    return ctx.quantized_row("awq4_clip_g128", "awq", 4, awq_clip=True)
-
-
-@row("nf4")
-def nf4_row(ctx: Context) -> dict:
-    return ctx.quantized_row("nf4", "nf4")
-
-
-@row("rtn3_g128")
-def rtn3_row(ctx: Context) -> dict:
-    return ctx.quantized_row("rtn3_g128", "rtn", 3)
-
-
-@row("gptq3_g128")
-def gptq3_row(ctx: Context) -> dict:
-    return ctx.quantized_row("gptq3_g128", "gptq", 3)
+for _name in QUANTIZED_ROWS:
+    row(_name)(functools.partial(quantized_row, name=_name))
 
 
 # Pruned rows (tpustack prune, issue 12 item 4). benchmarks/prune.py has the whole pruning table
