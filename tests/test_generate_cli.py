@@ -59,6 +59,19 @@ def test_bench_decode_reports_ttft_tpot_and_cost(checkpoints):
     assert "TTFT" in result.stdout and "TPOT" in result.stdout and "per million output tokens" in result.stdout
 
 
+@pytest.mark.slow
+def test_bench_decode_with_a_draft_times_plain_and_speculative_side_by_side(checkpoints, tmp_path):
+    out = tmp_path / "spec.json"
+    result = tpustack("bench", "decode", "--checkpoint", checkpoints["target"], "--draft", checkpoints["draft"],
+                      "--speculate-k", "3", "--prompt-len", "16", "--new-tokens", "16", "--repeats", "1",
+                      "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["identical_tokens"] is True and report["speedup"] > 0
+    assert 0 <= report["speculative"]["acceptance_rate"] <= 1 and report["plain"]["new_tokens"] == 16
+    assert "outputs identical: True" in result.stdout
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--prompt-ids", ",".join(["1"] * 64)], "prompt 0: 64 tokens, but the model's context is 64"),
     (["--prompt-ids", "1,2,3", "--max-new-tokens", "100"], "max_new_tokens 100: with a 3-token prompt"),

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dec.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "int8"])
     dec.add_argument("--price-per-hour", type=float, default=None, help="$/hour of the machine")
     dec.add_argument("--repeats", type=int, default=3)
+    dec.add_argument("--out", default=None, help="write the figures as JSON here (with --draft: plain and "
+                     "speculative side by side)")
     srv = sub.add_parser("serve", help="serving figures (TTFT, TPOT, ITL, throughput, goodput) under a "
                                        "seeded load: the engine, a server (--url), static batches, transformers")
     _weights_arguments(srv)
@@ -103,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
 def _decode(args) -> int:
     import numpy as np
 
-    from tpustack.infer.bench import load_generator, time_generation
-    from tpustack.plan.cost import cost_per_million
+    from tpustack.infer.bench import load_generator
 
     if args.checkpoint is None:
         from tpustack.config import load_config
@@ -112,21 +113,59 @@ def _decode(args) -> int:
         from tpustack.weights import init_weights
 
         cfg, params, _ = init_weights(load_config(args.config).model)
-        gen = Generator(cfg, params, args.cache_dtype)
+        gens = {"plain": Generator(cfg, params, args.cache_dtype)}
     else:
-        _, gen = load_generator(args.checkpoint, args.draft, args.speculate_k, args.cache_dtype)
+        gens = {"plain": load_generator(args.checkpoint, None, cache_dtype=args.cache_dtype)[1]}
+        if args.draft:  # the same target decoded plainly, timed in the same run: the speedup is a ratio
+            gens["speculative"] = load_generator(args.checkpoint, args.draft, args.speculate_k, args.cache_dtype)[1]
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, gen.cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.batch)]
-    time_generation(gen, prompts, args.new_tokens)  # compile
-    runs = sorted((time_generation(gen, prompts, args.new_tokens) for _ in range(args.repeats)),
-                  key=lambda r: r["e2e_s"])
-    r = runs[len(runs) // 2]
-    print(f"batch {r['batch']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens (median of {args.repeats})")
-    print(f"TTFT {r['ttft_s'] * 1e3:.1f} ms, TPOT {r['tpot_s'] * 1e3:.2f} ms, "
-          f"{r['tokens_per_s']:.1f} tokens/s end to end, {r['decode_tokens_per_s']:.1f} tokens/s decoding")
-    if "acceptance_rate" in r:
-        print(f"draft acceptance rate {r['acceptance_rate']:.3f}")
+    prompts = [rng.integers(0, gens["plain"].cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.batch)]
+    results = _timed_interleaved(gens, prompts, args.new_tokens, args.repeats)
+    print(f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens (median of {args.repeats})")
+    for name, r in results.items():
+        line = (f"{name:>11}: TTFT {r['ttft_s'] * 1e3:.1f} ms, TPOT {r['tpot_s'] * 1e3:.2f} ms, "
+                f"{r['tokens_per_s']:.1f} tokens/s end to end, {r['decode_tokens_per_s']:.1f} tokens/s decoding")
+        if "acceptance_rate" in r:
+            line += f", draft acceptance {r['acceptance_rate']:.3f} (k={args.speculate_k})"
+        print(line)
+    report = {name: {key: v for key, v in r.items() if key != "tokens"} for name, r in results.items()}
+    if "speculative" in results:
+        spec, plain = results["speculative"], results["plain"]
+        report["speedup"] = spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
+        report["identical_tokens"] = spec["tokens"] == plain["tokens"]
+        print(f"speculative / plain decoding tokens/s: {report['speedup']:.2f}x; "
+              f"outputs identical: {report['identical_tokens']}")
     if args.price_per_hour:
+        from tpustack.plan.cost import cost_per_million
+
+        r = results[list(results)[-1]]
         print(f"cost: ${cost_per_million(args.price_per_hour, r['tokens_per_s']):.4f} per million "
               f"output tokens at ${args.price_per_hour}/hour")
+    if args.out:
+        import json
+
+        from tpustack.infer.serve_bench import machine
+
+        report.update(machine=machine(), checkpoint=args.checkpoint, draft=args.draft,
+                      speculate_k=args.speculate_k, batch=args.batch, prompt_len=args.prompt_len,
+                      new_tokens=args.new_tokens, repeats=args.repeats,
+                      target_params=gens["plain"].cfg.num_params(),
+                      draft_params=gens["speculative"].draft_cfg.num_params() if "speculative" in gens else None)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
     return 0
+
+
+def _timed_interleaved(gens: dict, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """Median-by-end-to-end of `repeats` timed runs per generator, after one compiling run each;
+    the generators alternate, so load drifting over the run hits them alike."""
+    from tpustack.infer.bench import time_generation
+
+    for gen in gens.values():
+        time_generation(gen, prompts, new_tokens)  # compile
+    runs = {name: [] for name in gens}
+    for _ in range(repeats):
+        for name, gen in gens.items():
+            runs[name].append(time_generation(gen, prompts, new_tokens))
+    return {name: sorted(rs, key=lambda r: r["e2e_s"])[len(rs) // 2] for name, rs in runs.items()}
