@@ -276,10 +276,10 @@ def main() -> int:
     rng = random.Random(args.seed)
     samples = [draw(rng, i) for i in range(args.n)]
     cache = load_cache(args.cache)
-    # cheapest first (compile time grows with chips and with a pipeline), so an interrupted
+    # cheapest first (compile time grows with width, chips and a pipeline), so an interrupted
     # run has covered the most samples
-    order = sorted(range(len(samples)), key=lambda i: (samples[i]["chips"] * (3 if samples[i]["mesh"]["stage"] > 1
-                                                                              else 1), i))
+    order = sorted(range(len(samples)), key=lambda i: (samples[i]["d_model"] > 1024, samples[i]["chips"] * (
+        3 if samples[i]["mesh"]["stage"] > 1 else 1), i))
 
     def stale(k: str) -> bool:  # retried: a timeout; an OOM from before shape scaling also cut batch
         # and sequence; pallas compiled in interpret mode before kernels followed the mesh's platform

@@ -157,6 +157,8 @@ class Activations:
     saved: float  # residuals of every layer, kept from the forward pass to the backward pass
     workspace: float  # the one layer being differentiated (or the LM head, whichever is larger)
     pipeline: float = 0.0  # GPipe's [M, b, T, D] microbatch buffers and their cotangents
+    head: float = 0.0  # the LM head's share of workspace (memory.train_memory times it on TPU)
+    layer: float = 0.0  # the differentiated layer's share of workspace
 
     @property
     def total(self) -> float:
@@ -217,8 +219,8 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         if backend == "tpu":
             layer_ws += (mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
                          + probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend))
-    workspace = max(layer_ws, head_bytes(cfg, dtype, b, t, tensor, backend))
-    return Activations(saved, workspace, pipeline)
+    head = head_bytes(cfg, dtype, b, t, tensor, backend)
+    return Activations(saved, max(layer_ws, head), pipeline, head, layer_ws)
 
 
 def activation_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor: int = 1, **kw) -> float:

@@ -149,6 +149,15 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
                            layer_weight_bytes=layer_weights, saved_weight_bytes=saved_weights, stages=stages,
                            microbatches=microbatches, backend=backend, repeats=repeats)
     peak = acts.total
+    if backend == "tpu" and stages == 1 and acts.head > acts.layer:
+        # The LM head's backward runs before the layer scan's: the layers' [L, ...] weight
+        # gradients (the backward loop's outputs) and the embedding's (a scatter-add after
+        # the loop) do not exist yet, only the head's. So when the head outweighs a layer's
+        # workspace, the peak is the larger of the head phase without the layers' gradients
+        # and the loop's phase with them (read off XLA's live ranges at the peak of samples
+        # #4 and #10 of benchmarks/estimate_vs_xla.py: no stacked gradient buffer live).
+        head_grads = b.tree([p for p in table if p.name == "lm_head"], b.master, zero_sharded=stage >= 2)
+        peak = max(acts.saved + acts.layer, acts.saved + acts.head + head_grads - grads) + acts.pipeline
     if stages > 1:
         peak += _pipeline_bytes(cfg, table, layer, remat, acts.workspace, repeats, b)
     # The optimizer update, after the backward pass: train/step.py divides the gradients
