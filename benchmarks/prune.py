@@ -86,6 +86,30 @@ def decode_speeds(rows: list[dict], names: list[str], repeats: int, prompt_len: 
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def decode_only(args) -> int:
+    """Decode tokens/s of two checkpoints, interleaved (the structured row's timing without the table)."""
+    from train_cpu import cpu_name
+
+    from tpustack.weights import load_weights
+
+    rows = []
+    for name, path in zip(("dense", "pruned"), args.decode_only):
+        cfg, params, _ = load_weights(path)
+        rows.append({"name": name, "cfg": cfg, "weights": params, "path": path, "params": cfg.num_params()})
+    speeds = decode_speeds(rows, ["dense", "pruned"], args.repeats, args.prompt_len, args.new_tokens)
+    ratio = speeds["pruned"] / speeds["dense"]
+    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "repeats": args.repeats, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "decode_tokens_per_s": speeds, "ratio": ratio,
+              "rows": [{k: r[k] for k in ("name", "path", "params")} for r in rows]}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    for r in rows:
+        print(f"{r['name']:7s} {r['path']}: {r['params'] / 1e6:.2f}M params, {speeds[r['name']]:.1f} decode tokens/s")
+    print(f"pruned / dense decode tokens/s: {ratio:.2f}x (goal >= {GOAL_DECODE_RATIO}x); {result['cpu']}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=os.path.join(ROOT, "runs", "small_12m"))
@@ -98,7 +122,12 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/prune_<name>.json)")
+    parser.add_argument("--decode-only", nargs=2, metavar=("DENSE", "PRUNED"),
+                        help="skip the table: time decode of two saved checkpoints (e.g. `tpustack prune "
+                             "--structured ffn=0.25`'s output against its source), interleaved")
     args = parser.parse_args()
+    if args.decode_only:
+        return decode_only(args)
 
     from train_cpu import cpu_name
 
