@@ -150,7 +150,7 @@ def main() -> int:
     first = next(iter(runs.values()))[0]
     vocab = first.model.vocab_size
     batches = [rng.integers(0, vocab, (args.batch, args.seq + 1)).astype(np.int32) for _ in range(4)]
-    result = {"device": str(jax.devices()[0]), "jax": jax.__version__, "config": args.config,
+    result = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "config": args.config,
               "overrides": sets, "dot_out": args.dot_out, "batch": args.batch, "seq": args.seq,
               "params": int(sum(x.size for x in jax.tree.leaves(next(iter(runs.values()))[2].params))),
               "runs": {}}
