@@ -21,10 +21,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from tpustack.infer.decode import Generator, finished_tokens
 from tpustack.infer.engine import Engine
@@ -39,6 +41,12 @@ def _clock() -> Callable[[], float]:
 
 def _wait_until(t: float, clock: Callable[[], float]) -> None:
     time.sleep(max(t - clock(), 0.0))
+
+
+def progress(total: int, desc: str) -> tqdm:
+    """Requests finished, with ETA, on stderr: a static pass over 128 requests runs for many
+    minutes on 2 CPU cores, and the table comes only at the end."""
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, mininterval=5.0, dynamic_ncols=True)
 
 
 class _EngineTally:
@@ -87,9 +95,11 @@ class _EngineTally:
         return out
 
 
-def run_engine(engine: Engine, workload: Workload, concurrency: int | None = None) -> tuple[list[Record], dict]:
+def run_engine(engine: Engine, workload: Workload, concurrency: int | None = None,
+               desc: str = "engine") -> tuple[list[Record], dict]:
     """(records, engine figures) of the workload through the engine, stepped on this thread."""
     clients, clock, tally = Clients(workload, concurrency), _clock(), _EngineTally(engine)
+    bar = progress(len(workload), desc)
     records: list[Record] = [None] * len(workload)  # type: ignore[list-item]
     live: dict[int, int] = {}  # engine request id -> workload index
     while clients.left() or engine.has_work():
@@ -114,8 +124,10 @@ def run_engine(engine: Engine, workload: Workload, concurrency: int | None = Non
                 engine.forget(ev.id)
                 del live[ev.id]
                 clients.done(now)
+                bar.update()
                 if ev.finish_reason not in ("stop", "length"):
                     rec.error = f"finish_reason {ev.finish_reason}"
+    bar.close()
     return records, tally.figures()
 
 
@@ -123,9 +135,10 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else 0.0
 
 
-def _batches(workload: Workload, batch: int, concurrency: int | None, run_batch: Callable) -> list[Record]:
+def _batches(workload: Workload, batch: int, concurrency: int | None, run_batch: Callable,
+             desc: str) -> list[Record]:
     """Static batching's loop: wait for a request, take up to `batch` sent ones, run them."""
-    clients, clock = Clients(workload, concurrency), _clock()
+    clients, clock, bar = Clients(workload, concurrency), _clock(), progress(len(workload), desc)
     records: list[Record] = [None] * len(workload)  # type: ignore[list-item]
     while clients.left():
         _wait_until(clients.send_time(), clock)
@@ -138,6 +151,8 @@ def _batches(workload: Workload, batch: int, concurrency: int | None, run_batch:
                   [records[i] for i in rows], clock)
         for i in rows:
             clients.done(records[i].times[-1])
+        bar.update(len(rows))
+    bar.close()
     return records
 
 
@@ -146,7 +161,7 @@ def _spread(times: list[float], new: int, start: float, end: float) -> None:
 
 
 def run_static(gen: Generator, workload: Workload, batch: int, concurrency: int | None = None,
-               rounds: int = 8) -> tuple[list[Record], dict]:
+               rounds: int = 8, desc: str = "static") -> tuple[list[Record], dict]:
     """(records, figures) of the workload in static pad-to-longest batches through the decode loop."""
     shapes = lambda: gen._prefill._cache_size() + gen._decode._cache_size()  # noqa: E731
     before = shapes()
@@ -168,7 +183,7 @@ def run_static(gen: Generator, workload: Workload, batch: int, concurrency: int 
         for rec, toks in zip(recs, finished_tokens(state)):
             rec.tokens, rec.n_out = toks, len(toks)
 
-    records = _batches(workload, batch, concurrency, run_batch)
+    records = _batches(workload, batch, concurrency, run_batch, desc)
     return records, {"compiled_shapes_during_run": shapes() - before}
 
 
@@ -190,7 +205,8 @@ def hf_model(cfg, params) -> Any:
     return model
 
 
-def run_hf(model, workload: Workload, batch: int, concurrency: int | None = None) -> tuple[list[Record], dict]:
+def run_hf(model, workload: Workload, batch: int, concurrency: int | None = None,
+           desc: str = "hf") -> tuple[list[Record], dict]:
     """(records, {}) of the workload in left-padded batches through transformers' greedy generate."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -218,7 +234,7 @@ def run_hf(model, workload: Workload, batch: int, concurrency: int | None = None
             rec.tokens = out[row, width:width + n].tolist()
             rec.n_out, rec.times = len(rec.tokens), stamp.times[:n]
 
-    return _batches(workload, batch, concurrency, run_batch), {}
+    return _batches(workload, batch, concurrency, run_batch, desc), {}
 
 
 def run_http(url: str, workload: Workload, concurrency: int | None = None, model: str | None = None,

@@ -94,15 +94,16 @@ def engine_config(args: argparse.Namespace, context: int, workload) -> EngineCon
                         prefix_caching=not args.no_prefix_caching, cache_dtype=args.cache_dtype)
 
 
-def _timed(run, workload, warmup: int, vocab: int, head: int | None = None):
-    """run(workload) after `warmup` untimed passes over workloads of the same shape (they compile;
-    `head`: only the first requests, where nothing compiles and a pass only warms caches)."""
+def _timed(run, workload, warmup: int, vocab: int, head: int | None = None, mode: str = ""):
+    """run(workload, desc) after `warmup` untimed passes over workloads of the same shape (they
+    compile; `head`: only the first requests, where nothing compiles and a pass only warms caches)."""
     for i in range(warmup):
         warm = workload.with_new_tokens(10_000 + i, vocab)
         run(warm if head is None else dataclasses.replace(warm, prompts=warm.prompts[:head],
                                                           max_tokens=warm.max_tokens[:head],
-                                                          arrivals=[0.0] * min(head, len(warm))))
-    return run(workload)
+                                                          arrivals=[0.0] * min(head, len(warm))),
+            f"{mode} warm-up")
+    return run(workload, f"{mode} timed")
 
 
 def bench_serve(args: argparse.Namespace) -> int:
@@ -127,7 +128,7 @@ def bench_serve(args: argparse.Namespace) -> int:
           f"concurrency {conc or 'unbounded'}; modes {', '.join(modes)}", flush=True)
     for mode in modes:
         run, head, info = _mode_runner(mode, args, cfg, params, workload, batch)
-        got = _timed(run, workload, args.warmup, cfg.vocab_size, head=head)
+        got = _timed(run, workload, args.warmup, cfg.vocab_size, head=head, mode=mode)
         records[mode], extras[mode] = got if isinstance(got, tuple) else (got, {})
         extras[mode].update(info)
         _report(report, records, extras, args)  # this mode's figures now: a long run shows progress
@@ -154,7 +155,7 @@ def _mode_runner(mode: str, args, cfg, params, workload, batch: int):
     """(run(workload) -> records or (records, figures), warm-up head, figures to add) for one mode."""
     conc = args.concurrency
     if mode == "server":
-        return (lambda w: run_http(args.url, w, conc, args.model, args.api_key)), None, {}
+        return (lambda w, desc: run_http(args.url, w, conc, args.model, args.api_key)), None, {}
     if mode == "engine":
         draft = None
         if args.draft:
@@ -163,12 +164,13 @@ def _mode_runner(mode: str, args, cfg, params, workload, batch: int):
         ecfg = engine_config(args, cfg.max_seq_len, workload)
         engine = Engine(cfg, params, ecfg, eos_id=-1, draft=draft, k=args.speculate_k)
         config = {k: v for k, v in vars(ecfg).items() if not isinstance(v, tuple)}
-        return (lambda w: run_engine(engine, w, conc)), None, {"config": config}
+        return (lambda w, desc: run_engine(engine, w, conc, desc)), None, {"config": config}
     if mode == "static":
         gen = Generator(cfg, params, args.cache_dtype, eos_id=-1)
-        return (lambda w: run_static(gen, w, batch, conc, args.static_rounds)), None, {}
+        return (lambda w, desc: run_static(gen, w, batch, conc, args.static_rounds, desc)), None, {}
     model = hf_model(cfg, params)
-    return (lambda w: run_hf(model, w, batch, conc)), batch, {}  # torch compiles nothing: warm one batch
+    # torch compiles nothing: a few requests warm its allocator and threads
+    return (lambda w, desc: run_hf(model, w, batch, conc, desc)), min(batch, 4), {}
 
 
 def _report(report: dict, records: dict, extras: dict, args) -> None:
