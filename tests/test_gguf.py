@@ -276,3 +276,18 @@ def test_a_quantized_checkpoint_exports_to_its_nearest_type(tmp_path, mode, near
             ref = gguf.quants.dequantize(gguf.quants.quantize(p, qtype), qtype)
             np.testing.assert_array_equal(g, unpermute_rows(ref, heads) if heads else ref)
         assert np.abs(g - w).max() <= bound * np.abs(w).max(), name
+
+
+def test_serve_reads_a_gguf_files_chat_template_and_special_tokens(tmp_path):
+    """`tpustack serve --checkpoint x.gguf` renders chat with the file's own template (as llama.cpp
+    does), not the server's default; bos/eos texts come from the file's vocabulary."""
+    from tpustack.weights import chat_template_of
+
+    path = str(tmp_path / "t.gguf")
+    write_gguf(path, _noisy(), CFG, ByteTokenizer(), "f32", name="tiny", chat_template="{{ bos_token }}{{ messages }}")
+    template, bos, eos = chat_template_of(path)
+    assert template == "{{ bos_token }}{{ messages }}"
+    tokens = _field(gguf.GGUFReader(path), "tokenizer.ggml.tokens")
+    assert (bos, eos) == (tokens[_field(gguf.GGUFReader(path), "tokenizer.ggml.bos_token_id")],
+                          tokens[_field(gguf.GGUFReader(path), "tokenizer.ggml.eos_token_id")])
+    assert bos and eos and bos != eos

@@ -176,18 +176,17 @@ def cmd_serve(args) -> int:
 
         import uvicorn
 
-        from tpustack.infer.server import Server, ServerConfig, create_app, load_chat_template
+        from tpustack.infer.server import Server, ServerConfig, create_app
     except ImportError as e:
         raise UserError(f"serve: {e.name} is missing; pip install 'tpustack[serve]'") from None
     from tpustack.infer.engine import Engine, EngineConfig
     from tpustack.infer.runner import Runner
-    from tpustack.weights import load_weights, weights_kind
+    from tpustack.weights import chat_template_of, load_weights
 
     cfg, params, tok = load_weights(args.checkpoint)
     if tok is None:
         raise UserError(f"--checkpoint {args.checkpoint!r}: has no tokenizer; the server reads and writes text")
-    template, bos, eos = (load_chat_template(args.checkpoint) if weights_kind(args.checkpoint) == "hf"
-                          else (None, "", ""))
+    template, bos, eos = chat_template_of(args.checkpoint)
     draft = None
     if args.draft is not None:
         d = load_weights(args.draft)

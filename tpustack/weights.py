@@ -24,6 +24,7 @@ from tpustack.checkpoint import Checkpointer, checkpoint_dir
 from tpustack.interop.quantized_dir import is_quantized_dir, read_quantized
 from tpustack.config import Config, ModelConfig, config_from_dict
 from tpustack.data import load_tokenizer
+from tpustack.data.chat import load_chat_template
 from tpustack.errors import UserError
 from tpustack.interop.hf import load_hf_checkpoint
 from tpustack.interop.orbax_export import is_orbax_export, load_orbax_export
@@ -89,6 +90,23 @@ def _read_gguf(path: str) -> tuple[ModelConfig, dict, Any]:
         raise UserError(f"--checkpoint {path!r}: reading GGUF needs {e.name}; pip install 'tpustack[gguf]'") from None
     cfg, params, tokenizer, _ = read_gguf(path)
     return cfg, params, tokenizer
+
+
+def chat_template_of(path: str) -> tuple[str | None, str, str]:
+    """(chat template or None, bos text, eos text) a checkpoint carries: an HF directory's
+    tokenizer_config.json / chat_template.jinja or a GGUF file's tokenizer.chat_template; a
+    tpustack workdir or export carries none (the server then uses its documented default)."""
+    kind = weights_kind(path)
+    if kind == "hf":
+        return load_chat_template(path)
+    if kind == "gguf":
+        try:
+            from tpustack.interop.gguf import read_chat_template
+        except ImportError as e:
+            raise UserError(f"--checkpoint {path!r}: reading GGUF needs {e.name}; pip install 'tpustack[gguf]'") \
+                from None
+        return read_chat_template(path)
+    return None, "", ""
 
 
 def load_weights(path: str, mesh: Mesh | None = None, rules: str = "default") -> Weights:

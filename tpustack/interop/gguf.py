@@ -282,6 +282,22 @@ def read_local(path: str) -> tuple[ModelConfig, dict, Any, str | None]:
     return cfg, params_from_hf_state(state, cfg), read_vocab(reader), field_value(reader, "tokenizer.chat_template")
 
 
+def read_chat_template(path: str) -> tuple[str | None, str, str]:
+    """(chat template or None, bos token text, eos token text) from a GGUF file's metadata, as
+    tpustack.data.chat.load_chat_template gives them for a Hugging Face directory. Reads only
+    the header (the reader maps the file; no tensor is touched)."""
+    with paths.local_copy(path) as local:
+        try:
+            reader = gguf.GGUFReader(local)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--checkpoint {path!r}: not a readable GGUF file ({e})") from None
+        tokens = field_value(reader, "tokenizer.ggml.tokens", [])
+        text = lambda key: (tokens[i] if (i := field_value(reader, key)) is not None  # noqa: E731
+                            and 0 <= i < len(tokens) else "")
+        return field_value(reader, "tokenizer.chat_template"), text("tokenizer.ggml.bos_token_id"), \
+            text("tokenizer.ggml.eos_token_id")
+
+
 def read_gguf(path: str) -> tuple[ModelConfig, dict, Any, str | None]:
     """(cfg, numpy f32 params, tokenizer, chat template) of a GGUF file, local or gs://."""
     if not paths.isfile(path):
