@@ -118,19 +118,27 @@ def layer_residual_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: i
     return _sum(layer_residuals(cfg, dtype, b, t, tensor, backend), backend)
 
 
-def head_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1, backend: str = "cpu") -> float:
+def head_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, tensor: int = 1, backend: str = "cpu",
+               dlogits: bool = False) -> float:
     """The LM head and loss: logits in the compute dtype and f32, and their f32 gradient (CPU).
 
     TPU keeps one [B*T, V] buffer in the compute dtype: XLA fuses the f32 upcast, the
     log-softmax's reductions and the loss into fusions that read the logits (only [B*T]
-    f32 statistics are written), and the logits' gradient (softmax - onehot) is written
-    over the dead logits, the bf16 operand of the two backward matmuls. Seen where the head
-    is the step's peak: llama3_8b on v6e:4x4 at 1 x 8192 tokens per chip with flash
-    attention (three [B*T, V] buffers estimated 23.66 GB against XLA's 16.76; issue 14) and
-    a 256-wide 32000-vocab model at 4 x 4096 per chip (5.40 GB against 1.39)."""
+    f32 statistics are written), and the logits' gradient (softmax - onehot) is not written
+    at all: both backward matmuls recompute it from the logits and the statistics inside
+    their own fusions (read off sample #24's HLO, the head phase of
+    benchmarks/estimate_vs_xla.py). Seen where the head is the step's peak: llama3_8b on
+    v6e:4x4 at 1 x 8192 tokens per chip with flash attention (three [B*T, V] buffers
+    estimated 23.66 GB against XLA's 16.76; issue 14) and a 256-wide 32000-vocab model at
+    4 x 4096 per chip (5.40 GB against 1.39).
+
+    dlogits: the weight gradient's matmul is a windowed (collective-matmul) loop
+    (memory.collective_matmul), which cannot fuse its operand's producer, so the logits'
+    gradient is written out as the loop's input: a second [B*T, V] buffer beside the logits
+    (samples #37 and #40: bf16 logits and their gradient, both live at the peak)."""
     v = -(-cfg.vocab_size // tensor)
     if backend == "tpu":
-        return buffer_bytes((b * t, v), activation_elem_bytes(dtype, backend), backend)
+        return (1 + dlogits) * buffer_bytes((b * t, v), activation_elem_bytes(dtype, backend), backend)
     return sum(buffer_bytes((b * t, v), n, backend) for n in (activation_elem_bytes(dtype, backend), 4, 4))
 
 
@@ -167,7 +175,8 @@ class Activations:
 
 def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor: int = 1,
                 layer_weight_bytes: float = 0.0, saved_weight_bytes: float = 0.0,
-                stages: int = 1, microbatches: int = 1, backend: str = "cpu", repeats: int = 1) -> Activations:
+                stages: int = 1, microbatches: int = 1, backend: str = "cpu", repeats: int = 1,
+                dlogits: bool = False) -> Activations:
     """Peak activation bytes per device for remat 'none' or any policy that saves nothing.
 
     layer_weight_bytes: one layer's weights in the compute dtype as the layer's matmuls read
@@ -219,7 +228,7 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         if backend == "tpu":
             layer_ws += (mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
                          + probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend))
-    head = head_bytes(cfg, dtype, b, t, tensor, backend)
+    head = head_bytes(cfg, dtype, b, t, tensor, backend, dlogits)
     return Activations(saved, max(layer_ws, head), pipeline, head, layer_ws)
 
 

@@ -21,8 +21,8 @@ import math
 from tpustack.config import COMPUTE_DTYPE, ModelConfig
 from tpustack.dtypes import itemsize
 from tpustack.plan.activations import activations as activation_peak
-from tpustack.plan.buffers import (Param, buffer_bytes, end_params, layer_params, param_table, stacked_params,
-                                   tree_bytes)
+from tpustack.plan.buffers import (MESH_AXES, Param, buffer_bytes, default_rules, end_params, layer_params,
+                                   param_table, shard_shape, stacked_params, tree_bytes)
 
 GB = 1e9
 
@@ -134,10 +134,11 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     remat = remat or cfg.remat_policy
     compute = COMPUTE_DTYPE[precision]
     b = _Bytes(mesh, stage, itemsize(cfg.param_dtype), itemsize(compute), backend)
+    windowed = collective_matmul(mesh, stage, backend)
     master = b.tree(table, b.master, zero_sharded=stage >= 3)
     grads = b.tree(table, b.master, zero_sharded=stage >= 2)
     adam = 2 * b.tree(table, 4, zero_sharded=stage >= 1)
-    copy = _compute_copy_bytes(cfg, table, b)
+    copy = _compute_copy_bytes(cfg, table, b, windowed and stage >= 3)
     layer = layer_params(cfg)
     # One layer's weights as its matmuls read them: whole over fsdp (ZeRO-3 all-gathers
     # them, ZeRO-0..2 slice them out of the stacked [L, ...] weights), split over tensor.
@@ -147,17 +148,23 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     local_batch = -(-batch // (mesh.get("data", 1) * mesh.get("fsdp", 1)))
     acts = activation_peak(cfg, compute, local_batch, seq_len, remat, tensor=mesh.get("tensor", 1),
                            layer_weight_bytes=layer_weights, saved_weight_bytes=saved_weights, stages=stages,
-                           microbatches=microbatches, backend=backend, repeats=repeats)
+                           microbatches=microbatches, backend=backend, repeats=repeats, dlogits=windowed)
     peak = acts.total
-    if backend == "tpu" and stages == 1 and acts.head > acts.layer:
-        # The LM head's backward runs before the layer scan's: the layers' [L, ...] weight
-        # gradients (the backward loop's outputs) and the embedding's (a scatter-add after
-        # the loop) do not exist yet, only the head's. So when the head outweighs a layer's
-        # workspace, the peak is the larger of the head phase without the layers' gradients
-        # and the loop's phase with them (read off XLA's live ranges at the peak of samples
-        # #4 and #10 of benchmarks/estimate_vs_xla.py: no stacked gradient buffer live).
+    if backend == "tpu" and stages == 1:
+        # The backward pass in three phases, the peak the largest (read off XLA's live ranges
+        # at the peak of samples #4 and #10 of benchmarks/estimate_vs_xla.py, and the buffer
+        # assignment of #10 over time):
+        # - the LM head's backward: only the head's gradient exists; the layers' [L, ...]
+        #   weight gradients (the backward loop's outputs) and the embedding's do not yet;
+        # - the layer loop: the layers' and the head's gradients, but not the embedding's:
+        #   it is the scatter-add of the cotangent of the loop's input, so it is written
+        #   after the loop, when the residuals are dead (#10: f32[32768, 512] born after the
+        #   loop ends); with tied embeddings the head's share makes it exist from the start;
+        # - after the loop: every gradient, no residuals (the update fuses, see below).
         head_grads = b.tree([p for p in table if p.name == "lm_head"], b.master, zero_sharded=stage >= 2)
-        peak = max(acts.saved + acts.layer, acts.saved + acts.head + head_grads - grads) + acts.pipeline
+        embed_grads = b.tree([p for p in table if p.name == "embedding"], b.master, zero_sharded=stage >= 2)
+        loop = acts.saved + acts.layer - (0.0 if cfg.tie_embeddings else embed_grads)
+        peak = max(loop, acts.saved + acts.head + head_grads - grads, 0.0) + acts.pipeline
     if stages > 1:
         peak += _pipeline_bytes(cfg, table, layer, remat, acts.workspace, repeats, b)
     # The optimizer update, after the backward pass: train/step.py divides the gradients
@@ -171,10 +178,48 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     update = b.tree(table, b.master, zero_sharded=stage >= 1)
     if backend != "tpu":
         peak = max(peak, update - copy)
+    else:
+        peak = max(peak, _update_layout_copies(table, b) - copy)
     if backend == "cpu" and not cfg.scan_layers and stages == 1:
         grads, peak = _cpu_unrolled(cfg, table, compute, local_batch, seq_len, layer_weights, copy, update, b)
     tokens = buffer_bytes((local_batch, seq_len), 4, backend)
     return TrainMemory(stage, master, grads, adam, copy, peak, 2 * tokens)
+
+
+def _update_layout_copies(table, b: _Bytes) -> float:
+    """TPU: the update's extra buffers when the LM head's weight is stored transposed.
+
+    XLA lays a parameter out with the two minor dims that pad least (buffers.buffer_bytes),
+    so a [D, V] head whose V does not fill 128-lanes but whose D does is stored D-minor; its
+    gradient comes out of the dot V-minor. The fused AdamW update of that leaf then runs in
+    the gradient's layout: the weight and both moments are copied into it and the three
+    results copied back, four head-sized f32 buffers beside every other gradient (sample
+    #35: f32[1024, 50257]{1,0} copies of the {0,1} weight, mu and nu at the heap's top)."""
+    def tiles(minor: int, rows: int) -> int:  # elements of a 2-D f32 array laid out in (8, 128) tiles
+        return -(-minor // 128) * 128 * -(-rows // 8) * 8
+
+    axes = MESH_AXES if b.stage >= 1 else ("data", "stage", "tensor")
+    out = 0.0
+    for p in (p for p in table if p.name == "lm_head"):
+        d, v = shard_shape(p.shape, p.axes, b.mesh, default_rules(), axes)
+        if tiles(d, v) < tiles(v, d):
+            out += 4 * b.tree([p], b.master, zero_sharded=b.stage >= 1)
+    return out
+
+
+# XLA TPU's SPMD partitioner turns a weight gradient's matmul -> reduce-scatter over fsdp
+# (ZeRO-2 and 3), and a ZeRO-3 weight's all-gather -> matmul, into a windowed loop over the
+# fsdp shards once they are this many: seen at fsdp 8 (samples #37 and #40 of
+# benchmarks/estimate_vs_xla.py, ZeRO-3; #37's config under ZeRO-2: 16 windowed
+# reduce-scatter loops) and at 16 (#37's config on v5e:4x4), not at 4 (#24, #56, and #37's
+# config on v5e:2x2), nor under ZeRO-1, whose gradients are not sharded (#4, #29: fsdp 8).
+WINDOWED_MIN_FSDP = 8
+
+
+def collective_matmul(mesh: dict[str, int], stage: int, backend: str = "tpu") -> bool:
+    """Whether XLA TPU compiles the weight gradients' reduce-scatters (ZeRO-2, 3) and ZeRO-3's
+    all-gathers as windowed (collective) matmuls."""
+    return backend == "tpu" and stage >= 2 and mesh.get("fsdp", 1) >= WINDOWED_MIN_FSDP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +242,14 @@ class _Bytes:
         return self.stage >= 3 and self.mesh.get("fsdp", 1) > 1
 
 
-def _compute_copy_bytes(cfg: ModelConfig, table, b: _Bytes) -> float:
+def _compute_copy_bytes(cfg: ModelConfig, table, b: _Bytes, windowed: bool = False) -> float:
     """Compute-dtype weights made inside the step."""
     c, stage = b.compute, b.stage
     copy = 0.0
+    if windowed:
+        # A windowed matmul multiplies one fsdp shard of the weight at a time while the next
+        # is passed round the ring: the loop holds two shards, never the gathered weight.
+        return 2 * max(b.tree([p], min(c, 2), zero_sharded=True) for p in table)
     if c < b.master:
         if stage >= 3:  # gathered just in time: one layer ahead plus the embedding and head
             copy = _gathered_copy_bytes(cfg, b.mesh, c, b.backend)
