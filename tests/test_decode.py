@@ -134,3 +134,29 @@ def test_sharded_decoding_matches_one_device(params):
     assert sharded.generate(batch, 10) == Generator(CFG, meta.unbox(params), cache_dtype="int8").generate(batch, 10)
     with pytest.raises(UserError, match=r"batch 3: not divisible by the mesh's 4 batch shards"):
         sharded.generate(batch[:3], 4)
+
+
+def test_prefill_attention_in_query_blocks_equals_one_piece():
+    """The prefill's causal attention runs `block` queries at a time (bounded score memory for
+    large batches of long prompts); each row's result is the one-piece softmax's."""
+    from tpustack.model.layers import causal_attention_in_blocks, grouped_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 64, n, 16)), jnp.float32) for n in (4, 2, 2))
+    whole = grouped_attention(q, k, v, jnp.tril(jnp.ones((64, 64), dtype=bool))[None])
+    blocked = causal_attention_in_blocks(q, k, v, block=16)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(causal_attention_in_blocks(q, k[:, ::-1], v, block=16)), np.asarray(whole))
+
+
+def test_prefill_of_prompts_longer_than_a_query_block_matches_the_reference(params, monkeypatch):
+    """Prompts past PREFILL_QUERY_BLOCK take the blocked prefill; greedy output is unchanged."""
+    import tpustack.model.layers as layers
+
+    monkeypatch.setattr(layers, "PREFILL_QUERY_BLOCK", 16)
+    monkeypatch.setattr(layers.causal_attention_in_blocks, "__defaults__", (16,))
+    gen = Generator(CFG, params)
+    ps = prompts([40, 7, 33])
+    got = gen.generate(ps, 6)
+    for p, out in zip(ps, got):
+        assert out == greedy_reference(params, p, 6)

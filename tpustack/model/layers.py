@@ -167,6 +167,29 @@ def grouped_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     return out_BTKGH.reshape(b, t, n, h)
 
 
+PREFILL_QUERY_BLOCK = 512
+
+
+def causal_attention_in_blocks(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                               block: int = PREFILL_QUERY_BLOCK) -> jax.Array:
+    """Causal grouped attention of a prompt over its own keys, `block` queries at a time (a
+    sequential map), so the scores held at once are [B, K, G * block, T], not [B, K, G * T, T]:
+    64 prompts of 2048 tokens would need 12.9 GB of f32 scores per layer in one piece. Each
+    query row's softmax is the one grouped_attention computes."""
+    b, t, n, h = q_BTNH.shape
+    if t <= block or t % block:
+        return grouped_attention(q_BTNH, k_BTKH, v_BTKH, jnp.tril(jnp.ones((t, t), dtype=bool))[None])
+    q_CBTNH = jnp.moveaxis(q_BTNH.reshape(b, t // block, block, n, h), 1, 0)
+
+    def one(args):
+        c, q_BQNH = args
+        mask_QT = (c * block + jnp.arange(block))[:, None] >= jnp.arange(t)[None, :]
+        return grouped_attention(q_BQNH, k_BTKH, v_BTKH, mask_QT[None])
+
+    out_CBQNH = jax.lax.map(one, (jnp.arange(t // block), q_CBTNH))
+    return jnp.moveaxis(out_CBQNH, 0, 1).reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -191,11 +214,9 @@ class Attention(nn.Module):
             if hasattr(cache, "attend"):  # a paged cache (tpustack.infer.paged) owns its attention
                 return project_out(cache.attend(q_BTNH, positions_BT)), cache
             if prefill:  # prompts start at 0: attend over their own keys, not the whole (empty) cache
-                t = x_BTD.shape[1]
                 if use_kernels(cfg) is not None:
                     return project_out(kernel_attention(q_BTNH, k_BTKH, v_BTKH, use_kernels(cfg))), cache
-                causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
-                return project_out(grouped_attention(q_BTNH, k_BTKH, v_BTKH, causal_TS[None])), cache
+                return project_out(causal_attention_in_blocks(q_BTNH, k_BTKH, v_BTKH)), cache
             # a query sees every cached key at or before its own position; later slots
             # hold stale entries (padding, rejected drafts) and are masked
             impl = use_kernels(cfg)
