@@ -134,7 +134,8 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     remat = remat or cfg.remat_policy
     compute = COMPUTE_DTYPE[precision]
     b = _Bytes(mesh, stage, itemsize(cfg.param_dtype), itemsize(compute), backend)
-    windowed = collective_matmul(mesh, stage, backend)
+    local_batch = -(-batch // (mesh.get("data", 1) * mesh.get("fsdp", 1)))
+    windowed = collective_matmul(mesh, stage, local_batch * seq_len, backend)
     master = b.tree(table, b.master, zero_sharded=stage >= 3)
     grads = b.tree(table, b.master, zero_sharded=stage >= 2)
     adam = 2 * b.tree(table, 4, zero_sharded=stage >= 1)
@@ -145,7 +146,6 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     layer_weights = b.tree(layer, b.compute, zero_sharded=False)
     saved_weights = _saved_weight_bytes(cfg, layer, remat, b) if cfg.scan_layers and remat == "none" else 0.0
     stages = mesh.get("stage", 1)
-    local_batch = -(-batch // (mesh.get("data", 1) * mesh.get("fsdp", 1)))
     acts = activation_peak(cfg, compute, local_batch, seq_len, remat, tensor=mesh.get("tensor", 1),
                            layer_weight_bytes=layer_weights, saved_weight_bytes=saved_weights, stages=stages,
                            microbatches=microbatches, backend=backend, repeats=repeats, dlogits=windowed)
@@ -209,17 +209,22 @@ def _update_layout_copies(table, b: _Bytes) -> float:
 
 # XLA TPU's SPMD partitioner turns a weight gradient's matmul -> reduce-scatter over fsdp
 # (ZeRO-2 and 3), and a ZeRO-3 weight's all-gather -> matmul, into a windowed loop over the
-# fsdp shards once they are this many: seen at fsdp 8 (samples #37 and #40 of
-# benchmarks/estimate_vs_xla.py, ZeRO-3; #37's config under ZeRO-2: 16 windowed
-# reduce-scatter loops) and at 16 (#37's config on v5e:4x4), not at 4 (#24, #56, and #37's
-# config on v5e:2x2), nor under ZeRO-1, whose gradients are not sharded (#4, #29: fsdp 8).
+# fsdp shards once they are this many and the activations are large enough: seen at fsdp 8
+# (samples #37 and #40 of benchmarks/estimate_vs_xla.py, ZeRO-3, 2048 tokens per chip; #37's
+# config under ZeRO-2: 16 windowed reduce-scatter loops) and at 16 (#37's config on
+# v5e:4x4), not at 4 (#24, #56, and #37's config on v5e:2x2), nor under ZeRO-1, whose
+# gradients are not sharded (#4, #29: fsdp 8). Tokens per chip: #37's config (d_model 256)
+# is windowed at 1024 and 2048, not at 128 or 512 (nor is configs/tiny.py at 128); whether
+# the width moves that threshold is not measured.
 WINDOWED_MIN_FSDP = 8
+WINDOWED_MIN_TOKENS = 1024
 
 
-def collective_matmul(mesh: dict[str, int], stage: int, backend: str = "tpu") -> bool:
+def collective_matmul(mesh: dict[str, int], stage: int, tokens: int, backend: str = "tpu") -> bool:
     """Whether XLA TPU compiles the weight gradients' reduce-scatters (ZeRO-2, 3) and ZeRO-3's
-    all-gathers as windowed (collective) matmuls."""
-    return backend == "tpu" and stage >= 2 and mesh.get("fsdp", 1) >= WINDOWED_MIN_FSDP
+    all-gathers as windowed (collective) matmuls, for `tokens` per chip (local batch x length)."""
+    return (backend == "tpu" and stage >= 2 and mesh.get("fsdp", 1) >= WINDOWED_MIN_FSDP
+            and tokens >= WINDOWED_MIN_TOKENS)
 
 
 @dataclasses.dataclass(frozen=True)
