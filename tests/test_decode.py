@@ -154,7 +154,6 @@ def test_prefill_of_prompts_longer_than_a_query_block_matches_the_reference(para
     import tpustack.model.layers as layers
 
     monkeypatch.setattr(layers, "PREFILL_QUERY_BLOCK", 16)
-    monkeypatch.setattr(layers.causal_attention_in_blocks, "__defaults__", (16,))
     gen = Generator(CFG, params)
     ps = prompts([40, 7, 33])
     got = gen.generate(ps, 6)

@@ -82,13 +82,18 @@ def _unroll(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     return params, cfg
 
 
-def _read_gguf(path: str) -> tuple[ModelConfig, dict, Any]:
-    """A GGUF file through tpustack.interop.gguf, imported here as `gguf` is an optional extra."""
+def _gguf_interop(path: str):
+    """tpustack.interop.gguf, imported on use as `gguf` is an optional extra."""
     try:
-        from tpustack.interop.gguf import read_gguf
+        from tpustack.interop import gguf
     except ImportError as e:
         raise UserError(f"--checkpoint {path!r}: reading GGUF needs {e.name}; pip install 'tpustack[gguf]'") from None
-    cfg, params, tokenizer, _ = read_gguf(path)
+    return gguf
+
+
+def _read_gguf(path: str) -> tuple[ModelConfig, dict, Any]:
+    """A GGUF file's config, f32 params and tokenizer."""
+    cfg, params, tokenizer, _ = _gguf_interop(path).read_gguf(path)
     return cfg, params, tokenizer
 
 
@@ -100,12 +105,7 @@ def chat_template_of(path: str) -> tuple[str | None, str, str]:
     if kind == "hf":
         return load_chat_template(path)
     if kind == "gguf":
-        try:
-            from tpustack.interop.gguf import read_chat_template
-        except ImportError as e:
-            raise UserError(f"--checkpoint {path!r}: reading GGUF needs {e.name}; pip install 'tpustack[gguf]'") \
-                from None
-        return read_chat_template(path)
+        return _gguf_interop(path).read_chat_template(path)
     return None, "", ""
 
 

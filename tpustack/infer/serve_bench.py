@@ -152,7 +152,8 @@ def bench_serve(args: argparse.Namespace) -> int:
 
 
 def _mode_runner(mode: str, args, cfg, params, workload, batch: int):
-    """(run(workload) -> records or (records, figures), warm-up head, figures to add) for one mode."""
+    """(run(workload, progress label) -> records or (records, figures), warm-up head, figures to add)
+    for one mode."""
     conc = args.concurrency
     if mode == "server":
         return (lambda w, desc: run_http(args.url, w, conc, args.model, args.api_key)), None, {}

@@ -256,12 +256,17 @@ def tensor_f32(t: Any) -> np.ndarray:
         raise UserError(f"GGUF tensor {t.name}: type {t.tensor_type.name} cannot be dequantized here") from None
 
 
-def read_local(path: str) -> tuple[ModelConfig, dict, Any, str | None]:
-    """(cfg, numpy params, tokenizer or None, chat template or None) of a local GGUF file."""
+def _reader(local: str, path: str) -> gguf.GGUFReader:
+    """The reader of a local GGUF file (`path`: the name the user gave, for the error)."""
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(local)
     except (ValueError, OSError) as e:
         raise UserError(f"--checkpoint {path!r}: not a readable GGUF file ({e})") from None
+
+
+def read_local(path: str) -> tuple[ModelConfig, dict, Any, str | None]:
+    """(cfg, numpy params, tokenizer or None, chat template or None) of a local GGUF file."""
+    reader = _reader(path, path)
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise UserError(f"--checkpoint {path!r}: no token_embd.weight; not a llama GGUF model")
@@ -285,12 +290,10 @@ def read_local(path: str) -> tuple[ModelConfig, dict, Any, str | None]:
 def read_chat_template(path: str) -> tuple[str | None, str, str]:
     """(chat template or None, bos token text, eos token text) from a GGUF file's metadata, as
     tpustack.data.chat.load_chat_template gives them for a Hugging Face directory. Reads only
-    the header (the reader maps the file; no tensor is touched)."""
+    the header of a local file (the reader maps it; no tensor is touched); a gs:// file is
+    copied down first."""
     with paths.local_copy(path) as local:
-        try:
-            reader = gguf.GGUFReader(local)
-        except (ValueError, OSError) as e:
-            raise UserError(f"--checkpoint {path!r}: not a readable GGUF file ({e})") from None
+        reader = _reader(local, path)
         tokens = field_value(reader, "tokenizer.ggml.tokens", [])
         text = lambda key: (tokens[i] if (i := field_value(reader, key)) is not None  # noqa: E731
                             and 0 <= i < len(tokens) else "")

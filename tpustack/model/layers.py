@@ -171,11 +171,12 @@ PREFILL_QUERY_BLOCK = 512
 
 
 def causal_attention_in_blocks(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
-                               block: int = PREFILL_QUERY_BLOCK) -> jax.Array:
+                               block: int | None = None) -> jax.Array:
     """Causal grouped attention of a prompt over its own keys, `block` queries at a time (a
     sequential map), so the scores held at once are [B, K, G * block, T], not [B, K, G * T, T]:
     64 prompts of 2048 tokens would need 12.9 GB of f32 scores per layer in one piece. Each
     query row's softmax is the one grouped_attention computes."""
+    block = block or PREFILL_QUERY_BLOCK
     b, t, n, h = q_BTNH.shape
     if t <= block or t % block:
         return grouped_attention(q_BTNH, k_BTKH, v_BTKH, jnp.tril(jnp.ones((t, t), dtype=bool))[None])
