@@ -215,9 +215,13 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         if backend == "tpu":
             layer_ws += probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
     else:  # nothing_saveable and friends: only each layer's input [B, T, D] survives,
-        # and, under a dots policy, the matmul outputs it names (saved_dots)
-        saved = steps * (buffer_bytes((mb, t, cfg.d_model), c, backend)
-                         + _sum(saved_dots(cfg, dtype, mb, t, remat, tensor, backend), backend))
+        # and, under a dots policy, the matmul outputs it names (saved_dots). Inside the
+        # pipeline the layers run under the vmap over stages (and batch shards), which gives
+        # every projection a batch dimension: `dots_with_no_batch_dims_saveable` then saves
+        # none of them (samples #7, #34, #68 of benchmarks/estimate_vs_xla.py: the tick
+        # loop's only stacked residual is the layers' inputs).
+        dots = saved_dots(cfg, dtype, mb, t, remat, tensor, backend) if stages == 1 or SAVES_DOTS.get(remat) else []
+        saved = steps * (buffer_bytes((mb, t, cfg.d_model), c, backend) + _sum(dots, backend))
         # The layer being differentiated first recomputes its forward: its residuals and
         # its weights are live. On TPU its backward's peak also holds the MLP's three
         # [B, T, F] cotangents and the probabilities' cotangent dP = dO V^T beside the
@@ -228,6 +232,10 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         if backend == "tpu":
             layer_ws += (mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
                          + probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend))
+    if stages > 1 and backend == "tpu":
+        # the tick's select of stage 0's input (a new microbatch or the passed activation)
+        # keeps its [b, T, D] predicate per tick for the backward pass (pred[ticks, b, T, D])
+        saved += (repeats * microbatches + stages - 1) * buffer_bytes((mb, t, cfg.d_model), 1, backend)
     head = head_bytes(cfg, dtype, b, t, tensor, backend, dlogits)
     return Activations(saved, max(layer_ws, head), pipeline, head, layer_ws)
 

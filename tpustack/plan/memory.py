@@ -140,12 +140,17 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     grads = b.tree(table, b.master, zero_sharded=stage >= 2)
     adam = 2 * b.tree(table, 4, zero_sharded=stage >= 1)
     copy = _compute_copy_bytes(cfg, table, b, windowed and stage >= 3)
+    stages = mesh.get("stage", 1)
+    if backend == "tpu" and stages > 1:
+        copy = _pipeline_copy_bytes(cfg, table, b)
     layer = layer_params(cfg)
     # One layer's weights as its matmuls read them: whole over fsdp (ZeRO-3 all-gathers
     # them, ZeRO-0..2 slice them out of the stacked [L, ...] weights), split over tensor.
     layer_weights = b.tree(layer, b.compute, zero_sharded=False)
-    saved_weights = _saved_weight_bytes(cfg, layer, remat, b) if cfg.scan_layers and remat == "none" else 0.0
-    stages = mesh.get("stage", 1)
+    # (a pipeline on TPU reads its stage's weights from the loop-invariant cast views of
+    # _pipeline_copy_bytes, and those serve as the weight residuals: #26 stacks none)
+    saved_weights = (_saved_weight_bytes(cfg, layer, remat, b)
+                     if cfg.scan_layers and remat == "none" and not (backend == "tpu" and stages > 1) else 0.0)
     acts = activation_peak(cfg, compute, local_batch, seq_len, remat, tensor=mesh.get("tensor", 1),
                            layer_weight_bytes=layer_weights, saved_weight_bytes=saved_weights, stages=stages,
                            microbatches=microbatches, backend=backend, repeats=repeats, dlogits=windowed)
@@ -165,7 +170,9 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         embed_grads = b.tree([p for p in table if p.name == "embedding"], b.master, zero_sharded=stage >= 2)
         loop = acts.saved + acts.layer - (0.0 if cfg.tie_embeddings else embed_grads)
         peak = max(loop, acts.saved + acts.head + head_grads - grads, 0.0) + acts.pipeline
-    if stages > 1:
+    if backend == "tpu" and stages > 1:
+        peak = _tpu_pipeline_peak(table, acts, batch // microbatches, copy, b) - grads - copy
+    elif stages > 1:
         peak += _pipeline_bytes(cfg, table, layer, remat, acts.workspace, repeats, b)
     # The optimizer update, after the backward pass: train/step.py divides the gradients
     # by the loss scale (a new tree, as grads is sharded; the old one dies), then
@@ -224,7 +231,7 @@ def collective_matmul(mesh: dict[str, int], stage: int, tokens: int, backend: st
     """Whether XLA TPU compiles the weight gradients' reduce-scatters (ZeRO-2, 3) and ZeRO-3's
     all-gathers as windowed (collective) matmuls, for `tokens` per chip (local batch x length)."""
     return (backend == "tpu" and stage >= 2 and mesh.get("fsdp", 1) >= WINDOWED_MIN_FSDP
-            and tokens >= WINDOWED_MIN_TOKENS)
+            and tokens >= WINDOWED_MIN_TOKENS and mesh.get("stage", 1) == 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +324,48 @@ def _pipeline_bytes(cfg: ModelConfig, table, layer, remat: str, workspace: float
         # over fsdp, for the whole step (read off the buffer assignment, tiny on 8 CPUs).
         extra += 2 * b.tree(stage_layers, b.master, zero_sharded=False)
     return extra
+
+
+def _pipeline_copy_bytes(cfg: ModelConfig, table, b: _Bytes) -> float:
+    """TPU: the compute-dtype weights a pipelined step makes (train/pipeline.py).
+
+    The stage's layers, whole over fsdp, cast once (bf16 also under f32: DEFAULT-precision
+    matmuls read bf16), as every batch shard's view of them is; under ZeRO-3 the embedding
+    and the head are gathered and cast too (sample #26: bf16[256, 128256] head)."""
+    copy = b.tree(stacked_params(table), min(b.compute, 2), zero_sharded=False)
+    if b.gathered:
+        copy += b.tree(end_params(cfg), min(b.compute, 2), zero_sharded=False)
+    return copy
+
+
+def _tpu_pipeline_peak(table, acts, rows: int, copy: float, b: _Bytes) -> float:
+    """XLA TPU's peak bytes of a pipelined step beyond its arguments (train/pipeline.py): the
+    larger of the LM head's backward and the backward tick loop, read off the buffer
+    assignment of samples #7, #26, #34, #68 of benchmarks/estimate_vs_xla.py.
+
+    Both phases hold every tick's residuals (acts.saved), the pipeline's [M, b, T, D] feed
+    and result, and the stage's weights as the tick loop reads them: cast to the compute
+    dtype (`copy`, _pipeline_copy_bytes) and, where the batch is split over n > 1 shards or ZeRO-3
+    gathers them, the f32 [S, n, ...] per-shard view itself, whole over fsdp (#34: a copy of
+    each f32 [14, ...] weight; #26, #68: f32 [1, 1, 1, ...] views). rows: a microbatch's rows.
+    - The head's backward comes first: the logits (one [B*T, V] buffer: the SPMD partitioner
+      makes no windowed matmul in a pipelined program, #7, #26, #71) and the head's weight
+      gradient as its dot writes it, in the compute dtype and whole over fsdp (#26, #68). No
+      layer gradient exists yet.
+    - The backward tick loop: one layer's workspace and the f32 accumulator of the stage's
+      weight gradients, whole over fsdp (each batch shard's own view's gradient, summed over
+      the shards only after the loop: #34's f32 [14, 1, 1, ...] loop state), beside the
+      head's gradient. The reduced gradient tree is written after the loop.
+    """
+    stage_layers = stacked_params(table)
+    whole = b.tree(stage_layers, b.master, zero_sharded=False)
+    shards = b.mesh.get("data", 1) * b.mesh.get("fsdp", 1)
+    views = whole if (shards > 1 and rows % shards == 0) or b.gathered else 0.0
+    head = [p for p in table if p.name == "lm_head"]
+    weights = acts.saved + acts.pipeline + views + copy
+    head_phase = weights + acts.head + b.tree(head, b.compute, zero_sharded=False)
+    loop_phase = weights + acts.layer + whole + b.tree(head, b.master, zero_sharded=b.stage >= 2)
+    return max(head_phase, loop_phase)
 
 
 def _cpu_unrolled(cfg: ModelConfig, table, compute: str, local_batch: int, seq_len: int,
