@@ -202,7 +202,7 @@ def test_pipeline_terms_on_tpu():
     assert not memory.collective_matmul({"fsdp": 8, "stage": 2}, 3, 4096)
     assert memory.collective_matmul({"fsdp": 8, "stage": 1}, 3, 4096)
     m = load_config(cfg_path("tiny.py"), {"model.num_layers": "4", "model.scan_layers": "True",
-                                          "model.tie_embeddings": "False"}).model
+                                          "model.tie_embeddings": "False", "model.vocab_size": "32000"}).model
     S, M, b, T = 2, 4, 8, 256  # local batch 8 -> microbatches of 2 rows
     kw = dict(stages=S, microbatches=M, backend="tpu")
     dots = activations.activations(m, "bfloat16", b, T, "dots_with_no_batch_dims_saveable", **kw)
@@ -226,19 +226,26 @@ def test_pipeline_terms_on_tpu():
     head_phase = base + plain.head + tree(head, 2, False)
     loop_phase = base + plain.layer + stage32 + tree(head, 4, False)
     assert est.grads + est.compute_copy + est.activations == pytest.approx(max(head_phase, loop_phase))
+    # memory_analysis counts the forward loop's stacked residuals (loop state, missing from
+    # XLA's live ranges) once more, as far as the head's backward tops the tick loop
+    assert head_phase > loop_phase  # (a 32000 vocab over 8 x 256 tokens: the head's backward is the peak)
+    assert est.reported - est.total == pytest.approx(min(plain.saved, head_phase - loop_phase))
+    assert est.reported > est.total
 
 
 @pytest.mark.parametrize("index", sorted(PIPELINE_SAMPLES))
 def test_pipeline_estimate_holds_on_dumped_samples(index):
-    """The pipelined samples whose buffer assignments were read: within 5% of the HBM XLA
-    assigns (they were +85%, +78%, +49%, +28% before the pipeline terms: #7, #26, #34, #68)."""
+    """The pipelined samples whose buffer assignments were read: the allocation within 5% of the
+    HBM XLA assigns, the reported total within 10% of memory_analysis (they were +85%, +78%,
+    +49%, +28% of the assignment before the pipeline terms: #7, #26, #34, #68)."""
     from tpustack.plan.layouts import topology_estimate
 
     overrides, topology, xla, assigned = PIPELINE_SAMPLES[index]
     cfg = load_config(cfg_path("tiny.py"), {**_SAMPLE, **overrides})
     mesh = {k: getattr(cfg.mesh, k) for k in ("data", "stage", "fsdp", "tensor")}
-    est = topology_estimate(cfg, topology, mesh)["estimate_total_bytes"]
-    assert abs(est / assigned - 1) < 0.05, (index, est, assigned)
+    est = topology_estimate(cfg, topology, mesh)
+    assert abs(est["estimate_assigned_bytes"] / assigned - 1) < 0.05, (index, est, assigned)
+    assert abs(est["estimate_total_bytes"] / xla - 1) < 0.10, (index, est, xla)
 
 
 @pytest.mark.parametrize("index", sorted(SAMPLES))
@@ -251,11 +258,11 @@ def test_estimate_holds_on_dumped_samples(index):
     overrides, topology, xla, assigned = SAMPLES[index]
     cfg = load_config(cfg_path("tiny.py"), {**_SAMPLE, **overrides})
     mesh = {k: getattr(cfg.mesh, k) for k in ("data", "stage", "fsdp", "tensor")}
-    est = topology_estimate(cfg, topology, mesh)["estimate_total_bytes"]
-    assert abs(est / xla - 1) < 0.10, (index, est, xla)
+    est = topology_estimate(cfg, topology, mesh)
+    assert abs(est["estimate_total_bytes"] / xla - 1) < 0.10, (index, est, xla)
     tokens = cfg.train.batch_size // (mesh["data"] * mesh["fsdp"]) * cfg.train.seq_len
     if memory.collective_matmul(mesh, cfg.parallel.zero_stage, tokens):
-        assert abs(est / assigned - 1) < 0.03, (index, est, assigned)
+        assert abs(est["estimate_assigned_bytes"] / assigned - 1) < 0.03, (index, est, assigned)
 
 
 # ---------------------------------------------------------------- item 6: against XLA (8 CPU devices)

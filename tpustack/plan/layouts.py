@@ -91,11 +91,13 @@ def table(rows: list[Row]) -> str:
 def topology_estimate(config: Config, topology: str, mesh: dict[str, int]) -> dict[str, Any]:
     """The estimate's half of a compile-check report: per-chip bytes of config's train step on a
     TPU `topology` ("v5p:4x4x4") laid out as `mesh`, the ZeRO stage that layout gets, and the
-    chip's HBM (0 for a generation the chips table lacks)."""
+    chip's HBM (0 for a generation the chips table lacks). The total and temp are what XLA's
+    memory_analysis will report (TrainMemory.reported, the figure compile-check's fit verdict
+    reads); `estimate_assigned_bytes` is the HBM the buffer assignment reserves."""
     stage = config.parallel.zero_stage if mesh["fsdp"] > 1 else 0
     est = estimate_for(config, mesh, stage, "tpu")
     generation = topology.split(":")[0]
     return {"zero_stage": stage, "estimate_state_bytes": est.state + est.batch,
-            "estimate_temp_bytes": est.grads + est.compute_copy + est.activations,
-            "estimate_total_bytes": est.total,
+            "estimate_temp_bytes": est.reported - est.state - est.batch,
+            "estimate_total_bytes": est.reported, "estimate_assigned_bytes": est.total,
             "hbm_bytes": CHIPS[generation].hbm_bytes if generation in ("v4", "v5e", "v5p", "v6e") else 0.0}
