@@ -161,7 +161,8 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     saved_weights = (_saved_weight_bytes(cfg, layer, remat, b)
                      if cfg.scan_layers and remat == "none" and not (backend == "tpu" and stages > 1) else 0.0)
     acts = activation_peak(cfg, compute, local_batch, seq_len, remat, tensor=mesh.get("tensor", 1),
-                           layer_weight_bytes=layer_weights, saved_weight_bytes=saved_weights, stages=stages,
+                           layer_weight_bytes=0.0 if backend == "tpu" and stages > 1 else layer_weights,
+                           saved_weight_bytes=saved_weights, stages=stages,
                            microbatches=microbatches, backend=backend, repeats=repeats, dlogits=windowed)
     peak = acts.total
     head_lead = 0.0  # how far the head's backward tops the backward loop
@@ -183,7 +184,7 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         peak = max(loop, head_phase, 0.0) + acts.pipeline
         head_lead = head_phase - loop
     if backend == "tpu" and stages > 1:
-        head_phase, loop_phase = _tpu_pipeline_peak(table, acts, batch // microbatches, copy, b)
+        head_phase, loop_phase = _tpu_pipeline_peak(table, acts, copy, b)
         peak = max(head_phase, loop_phase) - grads - copy
         head_lead = head_phase - loop_phase
     elif stages > 1:
@@ -354,33 +355,39 @@ def _pipeline_copy_bytes(cfg: ModelConfig, table, b: _Bytes) -> float:
     return copy
 
 
-def _tpu_pipeline_peak(table, acts, rows: int, copy: float, b: _Bytes) -> float:
-    """XLA TPU's peak bytes of a pipelined step beyond its arguments (train/pipeline.py): the
-    larger of the LM head's backward and the backward tick loop, read off the buffer
-    assignment of samples #7, #26, #34, #68 of benchmarks/estimate_vs_xla.py.
+def _tpu_pipeline_peak(table, acts, copy: float, b: _Bytes) -> tuple[float, float]:
+    """XLA TPU's peak bytes of a pipelined step beyond its arguments (train/pipeline.py), in its
+    two candidate phases (the LM head's backward, the backward tick loop), read off the
+    buffer assignments of samples #7, #26, #34, #47, #68 of benchmarks/estimate_vs_xla.py.
 
     Both phases hold every tick's residuals (acts.saved), the pipeline's [M, b, T, D] feed
-    and result, and the stage's weights as the tick loop reads them: cast to the compute
-    dtype (`copy`, _pipeline_copy_bytes) and, where the batch is split over n > 1 shards or ZeRO-3
-    gathers them, the f32 [S, n, ...] per-shard view itself, whole over fsdp (#34: a copy of
-    each f32 [14, ...] weight; #26, #68: f32 [1, 1, 1, ...] views). rows: a microbatch's rows.
+    and result, and the stage's weights as the tick loop reads them, cast to the compute
+    dtype once (`copy`, _pipeline_copy_bytes; each layer reads its slice in place, no
+    per-layer copy). Under ZeRO-1 and 2 over fsdp (f32 weights whole, moments sharded) XLA
+    also copies the stage's f32 weights and the head's at the step's start and keeps the
+    copies to the end (#34: copy(param) of every f32 [14, ...] weight and the [3072, 32000]
+    head; #7 likewise); not under ZeRO-0 (#47, #68). ZeRO-3 gathers the f32 stage weights.
     - The head's backward comes first: the logits (one [B*T, V] buffer: the SPMD partitioner
       makes no windowed matmul in a pipelined program, #7, #26, #71) and the head's weight
       gradient as its dot writes it, in the compute dtype and whole over fsdp (#26, #68). No
       layer gradient exists yet.
     - The backward tick loop: one layer's workspace and the f32 accumulator of the stage's
       weight gradients, whole over fsdp (each batch shard's own view's gradient, summed over
-      the shards only after the loop: #34's f32 [14, 1, 1, ...] loop state), beside the
-      head's gradient. The reduced gradient tree is written after the loop.
+      the shards only after the loop: #34's f32 [14, 1, 1, ...] and #47's loop state), beside
+      the head's gradient or, where smaller, the logits it is made from: the scheduler may
+      defer the head's dW past the loop (#47 keeps its bf16 [4096, 32768] logits through the
+      loop and writes the f32 head gradient after it). The reduced gradients come after.
     """
     stage_layers = stacked_params(table)
     whole = b.tree(stage_layers, b.master, zero_sharded=False)
-    shards = b.mesh.get("data", 1) * b.mesh.get("fsdp", 1)
-    views = whole if (shards > 1 and rows % shards == 0) or b.gathered else 0.0
     head = [p for p in table if p.name == "lm_head"]
+    fsdp = b.mesh.get("fsdp", 1) > 1
+    views = whole + b.tree(head, b.master, zero_sharded=False) if fsdp and b.stage in (1, 2) else 0.0
+    views = whole if b.gathered else views
     weights = acts.saved + acts.pipeline + views + copy
     head_phase = weights + acts.head + b.tree(head, b.compute, zero_sharded=False)
-    loop_phase = weights + acts.layer + whole + b.tree(head, b.master, zero_sharded=b.stage >= 2)
+    head_grad = min(b.tree(head, b.master, zero_sharded=b.stage >= 2), acts.head)
+    loop_phase = weights + acts.layer + whole + head_grad
     return head_phase, loop_phase
 
 
