@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import compat, decode_attention_gpu as dgpu, decode_attention_tpu as dtpu
+from . import compat, decode_attention_gpu as dgpu, decode_attention_tpu as dtpu, paged_attention_cpu
 from ._dispatch import choose, is_pow2
 from .reference import decode_attention_reference, paged_attention_reference
 
@@ -86,12 +86,18 @@ def _paged_reason(L: int, H: int, dtype, plat: str) -> str | None:
     return _dtype_reason(jax.ShapeDtypeStruct((), dtype), plat)
 
 
+def _native_reason(page_dtype, head_dim: int, quantized: bool = False):
+    """The native CPU kernel's check (paged_attention_cpu.py), built on first use."""
+    return lambda: paged_attention_cpu.unavailable(page_dtype, head_dim, quantized)
+
+
 def paged_attention_impl(page_size: int, head_dim: int, dtype, impl: str = "auto",
-                         platform: str | None = None) -> str:
-    """'pallas' or 'xla' (or 'reference'): what paged_attention runs for these pages and queries
-    here, so a caller can pick a layout before tracing (the serving engine: tpustack.infer.engine)."""
+                         platform: str | None = None, page_dtype=None) -> str:
+    """'pallas', 'cpu' (the native CPU kernel) or 'xla' (or 'reference'): what paged_attention
+    runs for these pages (of page_dtype, default dtype) and queries here, so a caller can pick a
+    layout before tracing (the serving engine: tpustack.infer.engine)."""
     return choose("paged_attention", impl, lambda plat: _paged_reason(page_size, head_dim, dtype, plat),
-                  platform)[0]
+                  platform, native=_native_reason(page_dtype or dtype, head_dim))[0]
 
 
 def paged_attention(q_BNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH: jax.Array,
@@ -103,7 +109,11 @@ def paged_attention(q_BNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH: jax
     _common_checks(q_BNH, k_pages_PLKH, v_pages_PLKH, k_scale_PLK, v_scale_PLK)
     L, H = k_pages_PLKH.shape[1], k_pages_PLKH.shape[3]
     scale = float(H ** -0.5 if sm_scale is None else sm_scale)
-    which, plat = choose("paged_attention", impl, lambda plat: _paged_reason(L, H, q_BNH.dtype, plat), platform)
+    which, plat = choose("paged_attention", impl, lambda plat: _paged_reason(L, H, q_BNH.dtype, plat), platform,
+                         native=_native_reason(k_pages_PLKH.dtype, H, k_scale_PLK is not None))
+    if which == "cpu":
+        return paged_attention_cpu.paged_attention_cpu(q_BNH, k_pages_PLKH, v_pages_PLKH, page_table_BM, lengths_B,
+                                                       sm_scale=scale, soft_cap=soft_cap).astype(q_BNH.dtype)
     if which != "pallas":
         return paged_attention_reference(q_BNH, k_pages_PLKH, v_pages_PLKH, page_table_BM, lengths_B,
                                          sm_scale=scale, soft_cap=soft_cap, k_scale_PLK=k_scale_PLK,

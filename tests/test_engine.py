@@ -19,6 +19,7 @@ from tpustack.infer.decode import Generator
 from tpustack.infer.engine import Engine, EngineConfig
 from tpustack.infer.sampling import SamplingParams
 from tpustack.infer.speculative import SpeculativeGenerator
+from tpustack.kernels import paged_attention_cpu
 from tpustack.model import Decoder
 
 CFG = ModelConfig(vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
@@ -140,12 +141,15 @@ def test_seeded_sampling_matches_solo(params, solo):
     assert got != Engine(CFG, params, WIDE).generate(prompts, outs)  # it did sample
 
 
-def test_blocked_attention_over_many_blocks_and_tiles_matches_solo(params, solo):
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_blocked_attention_over_many_blocks_and_tiles_matches_solo(params, solo, impl):
     """CPU attention reads pages in blocks (work items) and prompts in query tiles; small ones
-    here, so rows span many blocks and chunks many tiles, and the flash-decoding combine runs."""
+    here, so rows span many blocks and chunks many tiles, and the flash-decoding combine runs.
+    With auto, decoding rows go to the native CPU kernel (where a compiler built it)."""
     prompts, outs = workload(24, seed=21, lengths=(1, 90))
-    engine = Engine(CFG, params, dataclasses.replace(WIDE, kv_block=16, query_tile=8))
-    assert engine.blocked  # XLA on CPU
+    engine = Engine(CFG, params, dataclasses.replace(WIDE, kv_block=16, query_tile=8, attention_impl=impl))
+    assert engine.blocked  # on CPU
+    assert engine.attention == ("xla" if impl == "xla" or paged_attention_cpu.unavailable() else "cpu")
     for p, m, got in zip(prompts, outs, engine.generate(prompts, outs)):
         assert got == solo(p, m)
 

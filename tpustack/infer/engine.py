@@ -159,9 +159,11 @@ class Engine:
         self.max_pages = self.pool.pages_for(self.cfg.max_seq_len)
         self.token_buckets, self.seq_buckets = engine_cfg.buckets()
         # XLA attention runs blocked (each sequence's live pages read once a step); the Pallas
-        # kernel reads pages in place from per-token block tables, as the speculative step does
-        self.blocked = self.draft_cfg is None and paged_attention_impl(
-            engine_cfg.page_size, self.cfg.heads_dim, self.cfg.dtype, engine_cfg.attention_impl) != "pallas"
+        # kernel reads pages in place from per-token block tables, as the speculative step does;
+        # on CPU the one-token rows of a blocked step go to the native kernel where it builds
+        self.attention = paged_attention_impl(engine_cfg.page_size, self.cfg.heads_dim, self.cfg.dtype,
+                                              engine_cfg.attention_impl, page_dtype=engine_cfg.cache_dtype)
+        self.blocked = self.draft_cfg is None and self.attention != "pallas"
         if self.draft_cfg is None:
             self._step = _jitted_step(self.cfg, engine_cfg.attention_impl, engine_cfg.max_top_logprobs)
         else:
@@ -307,7 +309,7 @@ class Engine:
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         if self.blocked:  # the layout replaces seq and tables
             layout = blocked_layout(rows, t, s, self.ecfg.page_size, self.ecfg.kv_block, self.ecfg.query_tile,
-                                    self.cfg.max_seq_len)
+                                    self.cfg.max_seq_len, native_decode=self.attention == "cpu")
             return tokens, positions, None, None, last, sampling, layout
         if self.draft_cfg is None:
             return tokens, positions, seq, tables, last, sampling, None

@@ -121,15 +121,20 @@ def _items_attention(q_XQNH, pos_XQ, k_PLKH, v_PLKH, item_x, item_pages, item_st
 
 def blocked_attention(q_TNH: jax.Array, k_PLKH: jax.Array, v_PLKH: jax.Array, layout: dict) -> jax.Array:
     """The step's attention on XLA from a `blocked_layout`: one-token rows and query tiles, each
-    over its sequence's page blocks; [T, N, H] (tokens in neither group, padding, get zeros)."""
+    over its sequence's page blocks; [T, N, H] (tokens in neither group, padding, get zeros).
+    A layout with a_table (native_decode) hands the one-token rows to the native CPU kernel."""
     T, N, H = q_TNH.shape
     out_TNH = jnp.zeros((T, N, H), jnp.float32)
     for g in ("a", "b"):
         tok_XQ = layout[f"{g}_tok"]
         q_XQNH = q_TNH[jnp.minimum(tok_XQ, T - 1)]
-        o_XQNH = _items_attention(q_XQNH, layout[f"{g}_pos"], k_PLKH, v_PLKH, layout[f"{g}_item"],
-                                  layout[f"{g}_pages"], layout[f"{g}_start"], layout[f"{g}_count"])
-        out_TNH = out_TNH.at[tok_XQ.reshape(-1)].set(o_XQNH.reshape(-1, N, H), mode="drop")
+        if g == "a" and "a_table" in layout:
+            o_XQNH = paged_attention(q_XQNH[:, 0], k_PLKH, v_PLKH, layout["a_table"], layout["a_len"],
+                                     impl="cpu")[:, None]
+        else:
+            o_XQNH = _items_attention(q_XQNH, layout[f"{g}_pos"], k_PLKH, v_PLKH, layout[f"{g}_item"],
+                                      layout[f"{g}_pages"], layout[f"{g}_start"], layout[f"{g}_count"])
+        out_TNH = out_TNH.at[tok_XQ.reshape(-1)].set(o_XQNH.reshape(-1, N, H).astype(jnp.float32), mode="drop")
     return out_TNH
 
 
@@ -139,7 +144,8 @@ def item_chunk(groups: int, queries: int) -> int:
 
 
 def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seqs: int, page_size: int,
-                   kv_block: int, query_tile: int, context: int, null_page: int = 0) -> dict[str, np.ndarray]:
+                   kv_block: int, query_tile: int, context: int, null_page: int = 0,
+                   native_decode: bool = False) -> dict[str, np.ndarray]:
     """The blocked attention layout of a step (host side, numpy).
 
     rows: per sequence row, (first step slot, tokens fed, position of the first, block table).
@@ -148,7 +154,9 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
     kv_block tokens each query group sees, in chunks of `item_chunk`; the arrays hold room for
     every group at the full `context` (so a shape is just (tokens, seqs)), padded with the
     out-of-range group id, and {a,b}_count says how many chunks are live. page_T: the page each
-    step slot writes (padding: the null page).
+    step slot writes (padding: the null page). With native_decode, group a is instead each row's
+    block table a_table [seqs, context / page_size] and key count a_len [seqs] (0: not a
+    one-token row), for the native CPU kernel, which streams pages in place.
     """
     bp = max(kv_block // page_size, 1)  # pages per block
     span = bp * page_size
@@ -157,6 +165,8 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
     a_tok, a_pos = np.full((seqs, 1), tokens, np.int32), np.full((seqs, 1), -1, np.int32)
     b_tok, b_pos = np.full((tiles, query_tile), tokens, np.int32), np.full((tiles, query_tile), -1, np.int32)
     items: dict[str, list] = {"a": [], "b": []}
+    a_table = np.full((seqs, math.ceil(context / page_size)), null_page, np.int32)
+    a_len = np.zeros(seqs, np.int32)
     g = 0
     for r, (at, n, p0, table) in enumerate(rows):
         pos = np.arange(p0, p0 + n)
@@ -164,6 +174,9 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
         page_T[at:at + n] = padded[pos // page_size]
         if n == 1:
             a_tok[r], a_pos[r] = at, p0
+            if native_decode:
+                a_table[r, :len(table)], a_len[r] = table, p0 + 1
+                continue
             items["a"] += [(r, padded[b * bp:(b + 1) * bp], b * span) for b in range(p0 // span + 1)]
             continue
         for j in range(0, n, query_tile):
@@ -172,8 +185,11 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
             items["b"] += [(g, padded[b * bp:(b + 1) * bp], b * span) for b in range(pos[j + m - 1] // span + 1)]
             g += 1
     out = {"page_T": page_T, "a_tok": a_tok, "a_pos": a_pos, "b_tok": b_tok, "b_pos": b_pos}
+    if native_decode:
+        out["a_table"], out["a_len"] = a_table, a_len
     blocks = math.ceil(context / span)
-    for name, groups, queries in (("a", seqs, 1), ("b", tiles, query_tile)):
+    for name, groups, queries in ((("b", tiles, query_tile),) if native_decode else
+                                  (("a", seqs, 1), ("b", tiles, query_tile))):
         chunk = item_chunk(groups, queries)
         cap = math.ceil(groups * blocks / chunk) * chunk
         x, pages, start = np.full(cap, groups, np.int32), np.full((cap, bp), null_page, np.int32), np.zeros(cap, np.int32)

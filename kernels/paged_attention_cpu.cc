@@ -1,0 +1,260 @@
+// Paged decode attention on CPU: an XLA FFI custom call (see paged_attention_cpu.py).
+//
+// One query row per sequence s, over the keys of its first lengths[s] positions, which
+// live in pages: position p of row s is slot p % L of page table[s, p / L]. XLA's gathers
+// copy every page into a fresh array and then run tiny batched dots; this kernel streams
+// each page once, in place, and folds it into a running softmax (flash-decoding on one
+// core): per (row, kv head) work item it reads the item's K and V pages exactly once and
+// does G = N / K query heads against them, so the step is bound by memory bandwidth.
+//
+// Layouts (row-major): q [S, N, H] f32, pages [P, L, K, H] (f32 or bf16), table [S, M]
+// int32, lengths [S] int32, out [S, N, H] f32. Rows with length <= 0 get zeros. Items
+// are shared by the calling thread and XLA's intra-op thread pool through an atomic
+// counter, so the call never waits on a task that has not started.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Shape {
+  int64_t S, N, H, P, L, K, M;
+  float scale, soft_cap;
+};
+
+// 16 lanes of f32: GCC/Clang vector extensions, lowered to AVX-512, or pairs of AVX2/NEON ops.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef uint16_t h16v __attribute__((vector_size(32)));
+constexpr int kLanes = 16;
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline v16 load16(const uint16_t* p) {  // bfloat16: the high half of an f32
+  h16v h;
+  std::memcpy(&h, p, sizeof(h));
+  u16v w = __builtin_convertvector(h, u16v) << 16;
+  v16 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+inline v16 splat(float x) { return v16{} + x; }
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// The lane sums of 16 vectors, as one vector: out[t] = sum(a[t]). Four levels of "add the
+// two halves of two vectors into one", ~3 shuffle/add ops per sum instead of ~8 each.
+inline v16 sum_lanes16(const v16* a) {
+  v16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// exp for x <= 0 (scores minus their running max), on 16 lanes: Cephes' degree-5 polynomial
+// on x - n ln2, scaled by 2^n; relative error ~2e-7 down to -87, 0 below (libm's expf does
+// not vectorize, and was a third of the kernel's time).
+inline v16 exp_nonpositive(v16 x) {
+  const v16 floor_ok = x < -87.0f ? splat(0.0f) : splat(1.0f);
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v16 n = (x * 1.44269504088896341f + magic) - magic;
+  const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale * floor_ok;
+}
+
+// One work item: row s, every head, over its pages 16 slots at a time. A slot's keys for all
+// kv heads are adjacent ([L, K, H] pages), so a page is read front to back; the G query heads
+// of a kv head reread its slice from L1. Needs H % 16 == 0 (see kUnsupported in the wrapper).
+// kC = H / 16 as a constant for the common head sizes (64, 128: the compiler keeps the
+// row's partial sums in registers), 0 for any other multiple of 16.
+template <typename T, int kC>
+void attend_item(const Shape& d, const float* q, const T* k_pages, const T* v_pages, const int32_t* table,
+                 const int32_t* lengths, float* out, int64_t s, std::vector<float>& scratch) {
+  const int64_t N = d.N, G = d.N / d.K, H = d.H, L = d.L, C = kC ? kC : d.H / kLanes;
+  float* o = out + s * N * H;  // [N, H]; head n reads kv head n / G
+  const int64_t len = std::min<int64_t>(lengths[s], d.M * L);
+  if (len <= 0) {
+    std::fill(o, o + N * H, 0.0f);
+    return;
+  }
+  scratch.resize(N * H + 2 * N);
+  float* qs = scratch.data();  // [N, H] scaled queries
+  float* m = qs + N * H;       // [N] running max
+  float* l = m + N;            // [N] running sum
+  for (int64_t i = 0; i < N * H; ++i) qs[i] = q[s * N * H + i] * d.scale;
+  std::fill(m, m + N, -INFINITY);
+  std::fill(l, l + N, 0.0f);
+  std::fill(o, o + N * H, 0.0f);
+  const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int64_t slot_stride = d.K * H;
+  v16 part[kLanes];
+  for (int64_t start = 0; start < len; start += kLanes) {  // 16 positions: within one page when L % 16 == 0
+    const int64_t n_valid = std::min<int64_t>(kLanes, len - start);
+    const T* k_slot[kLanes];
+    const T* v_slot[kLanes];
+    bool ok = true;
+    for (int64_t t = 0; t < n_valid; ++t) {
+      const int64_t pos = start + t, page = table[s * d.M + pos / L];
+      ok &= page >= 0 && page < d.P;  // never reads outside the pool
+      const int64_t at = (std::clamp<int64_t>(page, 0, d.P - 1) * L + pos % L) * slot_stride;
+      k_slot[t] = k_pages + at;
+      v_slot[t] = v_pages + at;
+    }
+    if (!ok) continue;
+    const v16 valid = lane < static_cast<float>(n_valid) ? splat(1.0f) : splat(0.0f);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t kv = (n / G) * H;
+      const float* qn = qs + n * H;
+      for (int64_t t = 0; t < kLanes; ++t) {
+        v16 acc = splat(0.0f);
+        if (t < n_valid)
+          for (int64_t c = 0; c < C; ++c) acc += load16(qn + c * kLanes) * load16(k_slot[t] + kv + c * kLanes);
+        part[t] = acc;
+      }
+      v16 score = sum_lanes16(part);
+      if (d.soft_cap > 0.0f)
+        for (int i = 0; i < kLanes; ++i) score[i] = d.soft_cap * std::tanh(score[i] / d.soft_cap);
+      score = valid > 0.0f ? score : splat(-INFINITY);
+      const float new_m = std::max(m[n], hmax(score));
+      const float rescale = std::exp(m[n] - new_m);  // exp(-inf) = 0 on the first block
+      const v16 w = exp_nonpositive(score - new_m) * valid;
+      float sum = 0.0f;
+      for (int i = 0; i < kLanes; ++i) sum += w[i];
+      l[n] = l[n] * rescale + sum;
+      m[n] = new_m;
+      float* on = o + n * H;
+      for (int64_t c = 0; c < C; ++c) {
+        v16 acc = load16(on + c * kLanes) * rescale;
+        for (int64_t t = 0; t < n_valid; ++t) acc += w[t] * load16(v_slot[t] + kv + c * kLanes);
+        std::memcpy(on + c * kLanes, &acc, sizeof(acc));
+      }
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const float inv = l[n] > 0.0f ? 1.0f / l[n] : 0.0f;
+    float* on = o + n * H;
+    for (int64_t h = 0; h < H; ++h) on[h] *= inv;
+  }
+}
+
+// Work shared between the caller and pool tasks; a task that starts after the last item
+// finds nothing to do, so the state lives as long as any task holds it.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <typename T>
+void run_items(std::shared_ptr<Work> work, const Shape& d, const float* q, const T* k, const T* v,
+               const int32_t* table, const int32_t* lengths, float* out) {
+  std::vector<float> scratch;
+  int64_t finished = 0;
+  for (int64_t i; (i = work->next.fetch_add(1)) < work->total; ++finished) {
+    if (d.H == 64)
+      attend_item<T, 4>(d, q, k, v, table, lengths, out, i, scratch);
+    else if (d.H == 128)
+      attend_item<T, 8>(d, q, k, v, table, lengths, out, i, scratch);
+    else
+      attend_item<T, 0>(d, q, k, v, table, lengths, out, i, scratch);
+  }
+  if (finished && work->done.fetch_add(finished) + finished == work->total) {
+    std::lock_guard<std::mutex> lock(work->mu);
+    work->cv.notify_all();
+  }
+}
+
+template <typename T>
+void run(ffi::ThreadPool& pool, const Shape& d, const float* q, const T* k, const T* v, const int32_t* table,
+         const int32_t* lengths, float* out) {
+  auto work = std::make_shared<Work>();
+  work->total = d.S;
+  // Items are whole rows: only worth other threads when there are several.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->total / 2);
+  for (int64_t i = 0; i < helpers; ++i)
+    pool.Schedule([work, d, q, k, v, table, lengths, out] { run_items(work, d, q, k, v, table, lengths, out); });
+  run_items(work, d, q, k, v, table, lengths, out);
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->done.load() == work->total; });
+}
+
+ffi::Error paged_attention_cpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
+                               ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lengths,
+                               ffi::ResultBuffer<ffi::F32> out, float scale, float soft_cap) {
+  auto qd = q.dimensions(), kd = k_pages.dimensions(), td = table.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument("paged_attention_cpu: want q [S, N, H], pages [P, L, K, H], table [S, M]");
+  Shape d{qd[0], qd[1], qd[2], kd[0], kd[1], kd[2], td[1], scale, soft_cap};
+  if (kd[3] != d.H || d.H % kLanes != 0 || d.N % d.K != 0 || td[0] != d.S || lengths.element_count() != d.S ||
+      k_pages.element_type() != v_pages.element_type() || v_pages.element_count() != k_pages.element_count())
+    return ffi::Error::InvalidArgument("paged_attention_cpu: inconsistent shapes");
+  const float* qp = q.typed_data();
+  const int32_t* tp = table.typed_data();
+  const int32_t* lp = lengths.typed_data();
+  float* op = out->typed_data();
+  switch (k_pages.element_type()) {
+    case ffi::F32:
+      run(pool, d, qp, k_pages.typed_data<float>(), v_pages.typed_data<float>(), tp, lp, op);
+      break;
+    case ffi::BF16:
+      run(pool, d, qp, reinterpret_cast<const uint16_t*>(k_pages.untyped_data()),
+          reinterpret_cast<const uint16_t*>(v_pages.untyped_data()), tp, lp, op);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("paged_attention_cpu: pages must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TpustackPagedAttentionCpu, paged_attention_cpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("soft_cap"));
