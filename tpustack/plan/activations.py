@@ -167,6 +167,7 @@ class Activations:
     pipeline: float = 0.0  # GPipe's [M, b, T, D] microbatch buffers and their cotangents
     head: float = 0.0  # the LM head's share of workspace (memory.train_memory times it on TPU)
     layer: float = 0.0  # the differentiated layer's share of workspace
+    tick: float = 0.0  # a pipeline tick's residuals of its L/(S V) layers (remat none), sliced out per tick
 
     @property
     def total(self) -> float:
@@ -237,7 +238,8 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         # keeps its [b, T, D] predicate per tick for the backward pass (pred[ticks, b, T, D])
         saved += (repeats * microbatches + stages - 1) * buffer_bytes((mb, t, cfg.d_model), 1, backend)
     head = head_bytes(cfg, dtype, b, t, tensor, backend, dlogits)
-    return Activations(saved, max(layer_ws, head), pipeline, head, layer_ws)
+    tick = (layers // (stages * repeats)) * per_layer if stages > 1 and remat == "none" else 0.0
+    return Activations(saved, max(layer_ws, head), pipeline, head, layer_ws, tick)
 
 
 def activation_bytes(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor: int = 1, **kw) -> float:

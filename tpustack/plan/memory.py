@@ -165,7 +165,7 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
                            saved_weight_bytes=saved_weights, stages=stages,
                            microbatches=microbatches, backend=backend, repeats=repeats, dlogits=windowed)
     peak = acts.total
-    head_lead = 0.0  # how far the head's backward tops the backward loop
+    forward = acts.saved + acts.pipeline  # live at the forward loop's end, beside the compute copy
     if backend == "tpu" and stages == 1:
         # The backward pass in three phases, the peak the largest (read off XLA's live ranges
         # at the peak of samples #4 and #10 of benchmarks/estimate_vs_xla.py, and the buffer
@@ -182,11 +182,15 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         loop = acts.saved + acts.layer - (0.0 if cfg.tie_embeddings else embed_grads)
         head_phase = acts.saved + acts.head + head_grads - grads
         peak = max(loop, head_phase, 0.0) + acts.pipeline
-        head_lead = head_phase - loop
+        # (memory_analysis's second count, below, is taken only as far as the head's backward
+        # tops the layer loop, whose listed bytes are taken as the loop's whole: where the
+        # loop is the peak, what its live ranges omit is not modelled)
+        forward = acts.pipeline + loop + grads
     if backend == "tpu" and stages > 1:
-        head_phase, loop_phase = _tpu_pipeline_peak(table, acts, copy, b)
+        tick = acts.tick if cfg.num_layers // (stages * repeats) > 1 else 0.0
+        head_phase, loop_phase = _tpu_pipeline_peak(table, acts, copy, tick, b)
         peak = max(head_phase, loop_phase) - grads - copy
-        head_lead = head_phase - loop_phase
+        forward += _pipeline_views(table, b)
     elif stages > 1:
         peak += _pipeline_bytes(cfg, table, layer, remat, acts.workspace, repeats, b)
     backward = peak
@@ -206,7 +210,15 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     if backend == "cpu" and not cfg.scan_layers and stages == 1:
         grads, peak = _cpu_unrolled(cfg, table, compute, local_batch, seq_len, layer_weights, copy, update, b)
     tokens = buffer_bytes((local_batch, seq_len), 4, backend)
-    twice = min(acts.saved, max(head_lead, 0.0)) if backend == "tpu" and peak == backward else 0.0
+    # What memory_analysis counts twice: its temp is 2 x heap - L, L the peak of the bytes
+    # XLA's live ranges list, and they omit while-loop state: the forward loop's stacked
+    # residuals are listed while it writes them (its end: `forward` + the compute copy) but
+    # not once they are the loop's result, through the head's backward and (pipelines) the
+    # backward tick loop. So L = max(forward end, backward peak - saved) and memory_analysis
+    # reports the heap plus min(saved, backward peak - forward end): read off the dumps of
+    # pipelined samples #20 (16.0 GB), #47 (2.40), #17 (1.54), #26 (0.22), whose L is the
+    # forward's end or the head's backward less the stacks.
+    twice = min(acts.saved, max(backward + grads - forward, 0.0)) if backend == "tpu" and peak == backward else 0.0
     return TrainMemory(stage, master, grads, adam, copy, peak, 2 * tokens, twice)
 
 
@@ -355,7 +367,17 @@ def _pipeline_copy_bytes(cfg: ModelConfig, table, b: _Bytes) -> float:
     return copy
 
 
-def _tpu_pipeline_peak(table, acts, copy: float, b: _Bytes) -> tuple[float, float]:
+def _pipeline_views(table, b: _Bytes) -> float:
+    """TPU pipeline: the f32 stage weights XLA keeps beside the master copy (_tpu_pipeline_peak)."""
+    whole = b.tree(stacked_params(table), b.master, zero_sharded=False)
+    if b.gathered:
+        return whole
+    if b.mesh.get("fsdp", 1) > 1 and b.stage in (1, 2):
+        return whole + b.tree([p for p in table if p.name == "lm_head"], b.master, zero_sharded=False)
+    return 0.0
+
+
+def _tpu_pipeline_peak(table, acts, copy: float, tick: float, b: _Bytes) -> tuple[float, float]:
     """XLA TPU's peak bytes of a pipelined step beyond its arguments (train/pipeline.py), in its
     two candidate phases (the LM head's backward, the backward tick loop), read off the
     buffer assignments of samples #7, #26, #34, #47, #68 of benchmarks/estimate_vs_xla.py.
@@ -381,13 +403,15 @@ def _tpu_pipeline_peak(table, acts, copy: float, b: _Bytes) -> tuple[float, floa
     stage_layers = stacked_params(table)
     whole = b.tree(stage_layers, b.master, zero_sharded=False)
     head = [p for p in table if p.name == "lm_head"]
-    fsdp = b.mesh.get("fsdp", 1) > 1
-    views = whole + b.tree(head, b.master, zero_sharded=False) if fsdp and b.stage in (1, 2) else 0.0
-    views = whole if b.gathered else views
-    weights = acts.saved + acts.pipeline + views + copy
+    weights = acts.saved + acts.pipeline + _pipeline_views(table, b) + copy
     head_phase = weights + acts.head + b.tree(head, b.compute, zero_sharded=False)
     head_grad = min(b.tree(head, b.master, zero_sharded=b.stage >= 2), acts.head)
-    loop_phase = weights + acts.layer + whole + head_grad
+    # `tick`: with remat none and more than one layer per stage, each backward tick copies its
+    # residuals of every layer of the stage out of the [ticks, ...] stacks for the inner
+    # layer loop to read (#20: f32 [2, 1, 4, 1, 8, 4096, 4096] scores and every other
+    # residual, sliced for the tick, live through the tick's backward; not with one layer
+    # per stage, #47, whose slices fuse into their readers).
+    loop_phase = weights + acts.layer + whole + head_grad + tick
     return head_phase, loop_phase
 
 
