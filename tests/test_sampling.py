@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tpustack.errors import UserError
-from tpustack.infer.sampling import SamplingParams, sample_tokens, stack_params
+from tpustack.infer.sampling import SamplingParams, greedy_tokens, sample_tokens, stack_params
 
 LOGITS_V = jnp.log(jnp.asarray([0.05, 0.4, 0.1, 0.25, 0.2]))  # probabilities at temperature 1
 
@@ -74,3 +74,11 @@ def test_rows_are_independent_of_their_batch_and_reproducible():
 def test_bad_sampling_parameters(params, field):
     with pytest.raises(UserError, match=field):
         stack_params([params])
+
+
+def test_greedy_tokens_is_argmax_with_ties_to_the_first():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(16, 300)), jnp.float32)
+    logits = logits.at[3, 7].set(9.0).at[3, 200].set(9.0)  # a tie: the first index wins, as argmax
+    np.testing.assert_array_equal(greedy_tokens(logits), jnp.argmax(logits, axis=-1))
+    assert int(greedy_tokens(logits)[3]) == 7

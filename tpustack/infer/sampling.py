@@ -67,9 +67,18 @@ def filtered_logits(logits_BV: jax.Array, params: dict[str, jax.Array]) -> jax.A
                         scaled_BV, params["top_k"], params["top_p"])
 
 
+def greedy_tokens(logits_BV: jax.Array) -> jax.Array:
+    """jnp.argmax over the vocabulary (the first index of the maximum), as two plain reductions:
+    XLA CPU's fused (value, index) argmax reduce took 4-5 ms on [64, 32000], these ~2."""
+    vocab = logits_BV.shape[-1]
+    top_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    first_B = jnp.min(jnp.where(logits_BV == top_B1, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(first_B, vocab - 1)  # a NaN row (never equal) still gets a valid id
+
+
 def sample_tokens(logits_BV: jax.Array, params: dict[str, jax.Array], positions_B: jax.Array) -> jax.Array:
     """One token per row: argmax where temperature is 0, else a filtered softmax sample."""
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = greedy_tokens(logits_BV)
 
     def sampled(logits_BV):
         keys_B = jax.vmap(jax.random.fold_in)(params["key"], positions_B)
