@@ -4,8 +4,8 @@
 // live in pages: position p of row s is slot p % L of page table[s, p / L]. XLA's gathers
 // copy every page into a fresh array and then run tiny batched dots; this kernel streams
 // each page once, in place, and folds it into a running softmax (flash-decoding on one
-// core): per (row, kv head) work item it reads the item's K and V pages exactly once and
-// does G = N / K query heads against them, so the step is bound by memory bandwidth.
+// core): a work item is one row with all its heads, which reads each of its K and V pages
+// once, front to back, so the step runs near memory bandwidth.
 //
 // Layouts (row-major): q [S, N, H] f32, pages [P, L, K, H] (f32 or bf16), table [S, M]
 // int32, lengths [S] int32, out [S, N, H] f32. Rows with length <= 0 get zeros. Items
@@ -101,7 +101,7 @@ inline v16 exp_nonpositive(v16 x) {
 
 // One work item: row s, every head, over its pages 16 slots at a time. A slot's keys for all
 // kv heads are adjacent ([L, K, H] pages), so a page is read front to back; the G query heads
-// of a kv head reread its slice from L1. Needs H % 16 == 0 (see kUnsupported in the wrapper).
+// of a kv head reread its slice from L1. Needs H % 16 == 0 (the wrapper checks).
 // kC = H / 16 as a constant for the common head sizes (64, 128: the compiler keeps the
 // row's partial sums in registers), 0 for any other multiple of 16.
 template <typename T, int kC>
