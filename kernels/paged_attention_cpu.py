@@ -26,6 +26,7 @@ import numpy as np
 
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cc")
 _TARGET = "tpustack_paged_attention_cpu"
+_WRITE_TARGET = "tpustack_write_slots_cpu"
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 PAGE_DTYPES = ("float32", "bfloat16")
 
@@ -68,6 +69,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         os.replace(tmp, lib)  # atomic: parallel builds (test workers) agree on one file
     handle = ctypes.cdll.LoadLibrary(str(lib))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handle.TpustackPagedAttentionCpu), platform="cpu")
+    jax.ffi.register_ffi_target(_WRITE_TARGET, jax.ffi.pycapsule(handle.TpustackWriteSlotsCpu), platform="cpu")
     return handle, None
 
 
@@ -92,3 +94,15 @@ def paged_attention_cpu(q_SNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH:
     return call(q_SNH.astype(jnp.float32), k_pages_PLKH, v_pages_PLKH.astype(k_pages_PLKH.dtype),
                 table_SM.astype(jnp.int32), lengths_S.astype(jnp.int32),
                 scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0))
+
+
+def write_slots_cpu(pages_PLKH: jax.Array, page_T: jax.Array, slot_T: jax.Array, rows_TKH: jax.Array) -> jax.Array:
+    """pages.at[page_T, slot_T].set(rows_TKH) written in place by the native kernel (f32 or bf16
+    pages, rounded to nearest even as XLA's convert): XLA CPU turns a bf16 scatter into a copy
+    of the whole pool to f32 and back."""
+    reason = unavailable(pages_PLKH.dtype)
+    if reason:
+        raise RuntimeError(f"write_slots (cpu): {reason}")
+    call = jax.ffi.ffi_call(_WRITE_TARGET, jax.ShapeDtypeStruct(pages_PLKH.shape, pages_PLKH.dtype),
+                            input_output_aliases={0: 0})
+    return call(pages_PLKH, rows_TKH.astype(jnp.float32), page_T.astype(jnp.int32), slot_T.astype(jnp.int32))

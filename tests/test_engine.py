@@ -154,6 +154,17 @@ def test_blocked_attention_over_many_blocks_and_tiles_matches_solo(params, solo,
         assert got == solo(p, m)
 
 
+def test_bfloat16_pages_match_solo_with_a_bfloat16_cache(params):
+    """A bf16 pool (on CPU written in place by the native kernel, read by it for decoding rows
+    and by the XLA tiles for prompts) gives what the decode loop gives with a bf16 cache."""
+    gen = Generator(CFG, params, "bfloat16")
+    prompts, outs = workload(16, seed=5, lengths=(1, 60))
+    engine = Engine(CFG, params, dataclasses.replace(WIDE, cache_dtype="bfloat16", kv_block=16, query_tile=8))
+    assert engine.pages[0][0].dtype == jnp.bfloat16
+    for p, m, got in zip(prompts, outs, engine.generate(prompts, outs)):
+        assert got == gen.generate([p], SOLO_MAX, SamplingParams(), chunk=SOLO_MAX)[0][:m]
+
+
 def test_no_compiles_once_warm(params):
     """Self-contained (xdist may run it first or alone): one pass over a mix of batch sizes and
     lengths compiles at most the buckets' shapes; another such mix compiles nothing more."""

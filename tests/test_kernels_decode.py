@@ -152,3 +152,19 @@ def test_native_cpu_paged_kernel_refuses_what_it_cannot_read():
     with pytest.raises(KernelShapeError, match="float16"):
         paged_attention(jnp.ones((1, 2, 16)), jnp.ones((4, 16, 2, 16), jnp.float16), jnp.ones((4, 16, 2, 16), jnp.float16),
                         jnp.zeros((1, 2), jnp.int32), jnp.array([3]), impl="cpu")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_native_cpu_slot_writes_equal_xla_scatter(dtype):
+    """write_slots_cpu (in place) gives XLA's .at[page, slot].set bit for bit: round to nearest even,
+    NaN, duplicate slots, and out-of-range pages dropped."""
+    if paged_attention_cpu.unavailable():
+        pytest.skip(paged_attention_cpu.unavailable())
+    r = _rng(4)
+    pool = jnp.asarray(r.normal(size=(10, 8, 2, 16)), dtype)
+    rows = jnp.asarray(r.normal(size=(6, 2, 16)) * 1e3, jnp.float32).at[0, 0, 0].set(jnp.nan)
+    page, slot = jnp.array([1, 3, 3, 9, 12, 0]), jnp.array([0, 7, 2, 5, 1, 3])
+    want = np.asarray(pool.at[page, slot].set(rows.astype(dtype)).astype(jnp.float32))
+    got = np.asarray(jax.jit(paged_attention_cpu.write_slots_cpu)(pool, page, slot, rows).astype(jnp.float32))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.nan_to_num(got), np.nan_to_num(want))

@@ -34,7 +34,8 @@ from flax import struct
 from tpustack.config import ModelConfig
 from tpustack.infer.sampling import sample_tokens
 from tpustack.infer.speculative import accept, propose
-from tpustack.kernels import paged_attention
+from tpustack.kernels import paged_attention, paged_attention_impl
+from tpustack.kernels.paged_attention_cpu import write_slots_cpu
 from tpustack.kernels.compat import MASK_VALUE
 from tpustack.model.transformer import Decoder
 
@@ -62,9 +63,8 @@ class PagedLayerCache:
         else:
             page_T = jnp.take_along_axis(self.table_TM, (pos_T // size)[:, None], axis=1)[:, 0]
         slot_T = pos_T % size
-        dtype = self.k_PLKH.dtype
-        return self.replace(k_PLKH=self.k_PLKH.at[page_T, slot_T].set(k_BTKH[0].astype(dtype)),
-                            v_PLKH=self.v_PLKH.at[page_T, slot_T].set(v_BTKH[0].astype(dtype)))
+        return self.replace(k_PLKH=_write_slots(self.k_PLKH, page_T, slot_T, k_BTKH[0], self.impl),
+                            v_PLKH=_write_slots(self.v_PLKH, page_T, slot_T, v_BTKH[0], self.impl))
 
     def attend(self, q_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Each token over its own sequence's keys up to and including its position."""
@@ -73,6 +73,16 @@ class PagedLayerCache:
         out_TNH = paged_attention(q_BTNH[0], self.k_PLKH, self.v_PLKH, self.table_TM, positions_BT[0] + 1,
                                   impl=self.impl, interpret=self.interpret)
         return out_TNH[None].astype(q_BTNH.dtype)
+
+
+def _write_slots(pages_PLKH: jax.Array, page_T: jax.Array, slot_T: jax.Array, new_TKH: jax.Array,
+                 impl: str) -> jax.Array:
+    """pages[page_T, slot_T] = new_TKH. A bf16 pool on CPU goes through the native kernel, which
+    writes in place: XLA CPU widens a bf16 scatter to f32, copying the whole pool in every layer."""
+    P, L, K, H = pages_PLKH.shape
+    if pages_PLKH.dtype == jnp.bfloat16 and paged_attention_impl(L, H, pages_PLKH.dtype, impl) == "cpu":
+        return write_slots_cpu(pages_PLKH, page_T, slot_T, new_TKH)
+    return pages_PLKH.at[page_T, slot_T].set(new_TKH.astype(pages_PLKH.dtype))
 
 
 def _items_attention(q_XQNH, pos_XQ, k_PLKH, v_PLKH, item_x, item_pages, item_start, count) -> jax.Array:
