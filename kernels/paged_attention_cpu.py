@@ -1,11 +1,13 @@
 """Paged decode attention on CPU: paged_attention_cpu.cc, an XLA FFI custom call.
 
 XLA's CPU gathers copy every page before tiny batched dots (~3 GB/s on a 2-core VM); the
-native kernel streams pages in place, one (row, kv head) item at a time on XLA's own
-intra-op thread pool. It is built with the system C++ compiler on first use (a few seconds)
+native kernel streams pages in place, a row (all its heads) at a time on XLA's own intra-op
+thread pool. It is built with the system C++ compiler on first use (a few seconds)
 into a cache keyed by its source, the compiler flags, jax's FFI headers and this CPU
-($TPUSTACK_KERNEL_CACHE, else ~/.cache/tpustack/kernels), and registered with jax once.
-Where it cannot be built (no compiler), `unavailable()` says why and callers use XLA.
+($TPUSTACK_KERNEL_CACHE, else ~/.cache/tpustack/kernels, else a temp folder), and registered
+with jax once.
+Where it cannot be built (no compiler, a failed build), `unavailable()` says why and callers
+use XLA.
 """
 
 from __future__ import annotations
@@ -41,8 +43,25 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TPUSTACK_KERNEL_CACHE") or Path.home() / ".cache" / "tpustack" / "kernels")
+def _cache_dirs() -> list[Path]:
+    """Where the built library may live: $TPUSTACK_KERNEL_CACHE, else ~/.cache/tpustack/kernels,
+    then a per-user temp directory (a read-only home still gets the kernel)."""
+    first = os.environ.get("TPUSTACK_KERNEL_CACHE") or Path.home() / ".cache" / "tpustack" / "kernels"
+    return [Path(first), Path(tempfile.gettempdir()) / f"tpustack-kernels-{os.getuid()}"]
+
+
+def _build(lib: Path, compiler: str, include: Path) -> str | None:
+    """Compile the kernel into lib (atomically: parallel test workers agree on one file); why not."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    cmd = [compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        os.unlink(tmp)
+        return f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}"
+    os.replace(tmp, lib)
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,18 +75,20 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     for part in (_SOURCE.read_bytes(), (include / "xla" / "ffi" / "api" / "ffi.h").read_bytes(),
                  " ".join((compiler, *_FLAGS)).encode(), _cpu_name().encode()):
         key.update(part)
-    lib = _cache_dir() / f"paged_attention_cpu-{key.hexdigest()[:16]}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-        os.close(fd)
-        cmd = [compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            os.unlink(tmp)
-            return None, f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}"
-        os.replace(tmp, lib)  # atomic: parallel builds (test workers) agree on one file
-    handle = ctypes.cdll.LoadLibrary(str(lib))
+    name = f"paged_attention_cpu-{key.hexdigest()[:16]}.so"
+    why = "no writable cache directory"
+    for folder in _cache_dirs():
+        lib = folder / name
+        try:
+            why = None if lib.exists() else _build(lib, compiler, include)
+            if why is not None:  # the compiler refused: another folder would not change that
+                return None, why
+            handle = ctypes.cdll.LoadLibrary(str(lib))
+            break
+        except OSError as e:  # unwritable folder, or a library that does not load: try the next
+            why = f"{lib}: {e}"
+    else:
+        return None, why
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handle.TpustackPagedAttentionCpu), platform="cpu")
     jax.ffi.register_ffi_target(_WRITE_TARGET, jax.ffi.pycapsule(handle.TpustackWriteSlotsCpu), platform="cpu")
     return handle, None

@@ -168,3 +168,16 @@ def test_native_cpu_slot_writes_equal_xla_scatter(dtype):
     got = np.asarray(jax.jit(paged_attention_cpu.write_slots_cpu)(pool, page, slot, rows).astype(jnp.float32))
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(np.nan_to_num(got), np.nan_to_num(want))
+
+
+def test_without_a_working_compiler_paged_attention_falls_back_to_xla(tmp_path):
+    """A failed build (here CXX=false) is a reason, not an error: auto on CPU then picks XLA."""
+    import os
+    import subprocess
+    import sys
+    code = ("from tpustack.kernels import paged_attention_cpu as p, paged_attention_impl as i; "
+            "print(p.unavailable()); print(i(16, 64, 'float32'))")
+    env = dict(os.environ, CXX="false", TPUSTACK_KERNEL_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    reason, impl = out.stdout.strip().splitlines()[-2:]
+    assert "failed" in reason and impl == "xla"
