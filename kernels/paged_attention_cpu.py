@@ -112,7 +112,7 @@ def paged_attention_cpu(q_SNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH:
     if reason:
         raise RuntimeError(f"paged_attention (cpu): {reason}")
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q_SNH.shape, jnp.float32), vmap_method="sequential")
-    return call(q_SNH.astype(jnp.float32), k_pages_PLKH, v_pages_PLKH.astype(k_pages_PLKH.dtype),
+    return call(q_SNH.astype(jnp.float32), k_pages_PLKH, v_pages_PLKH,  # one dtype: the kernel checks
                 table_SM.astype(jnp.int32), lengths_S.astype(jnp.int32),
                 scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0))
 

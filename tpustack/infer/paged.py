@@ -182,8 +182,9 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
     a_tok, a_pos = np.full((seqs, 1), tokens, np.int32), np.full((seqs, 1), -1, np.int32)
     b_tok, b_pos = np.full((tiles, query_tile), tokens, np.int32), np.full((tiles, query_tile), -1, np.int32)
     items: dict[str, list] = {"a": [], "b": []}
-    a_table = np.full((seqs, math.ceil(context / page_size)), null_page, np.int32)
-    a_len = np.zeros(seqs, np.int32)
+    if native_decode:
+        a_table = np.full((seqs, math.ceil(context / page_size)), null_page, np.int32)
+        a_len = np.zeros(seqs, np.int32)
     g = 0
     for r, (at, n, p0, table) in enumerate(rows):
         pos = np.arange(p0, p0 + n)
