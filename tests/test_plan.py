@@ -158,9 +158,34 @@ def test_windowed_matmuls_from_fsdp_8_under_zero_2_and_3():
     assert cm({"fsdp": 8}, 3, 2048) and cm({"fsdp": 16}, 2, 1024)
     assert not cm({"fsdp": 4}, 3, 2048) and not cm({"fsdp": 8}, 1, 2048)
     assert not cm({"fsdp": 8}, 3, 512) and not cm({"fsdp": 8}, 3, 2048, "cpu")
+    # none past XLA's 32 windowed iterations (#19: fsdp 64), nor with the batch also over data (#13, #14)
+    assert not cm({"fsdp": 64}, 3, 2048) and not cm({"data": 4, "fsdp": 8}, 3, 8192)
     m = load_config(cfg_path("tiny.py")).model
     one = activations.head_bytes(m, "bfloat16", 2, 1024, backend="tpu")
     assert activations.head_bytes(m, "bfloat16", 2, 1024, backend="tpu", dlogits=True) == 2 * one
+
+
+def test_zero3_gathers_one_weight_at_a_time_on_tpu():
+    """ZeRO-3 on TPU without windowed matmuls: XLA all-gathers each weight just ahead of its
+    matmul, so two of the largest weight are in flight, not two layers plus the embedding and
+    head, and the layer's workspace reads them (no second copy). A fresh compile not in the
+    sample (d_model 8192, ZeRO-3 over fsdp 32 on v5e:4x8, 512 tokens per chip): two bf16
+    [8192, 28672] weights at the peak, 2574.3 MB assigned; the old count was +202%."""
+    from tpustack.plan.buffers import end_params, layer_params, tree_bytes
+    from tpustack.plan.layouts import topology_estimate
+
+    ov = {"model.d_model": "8192", "model.num_layers": "2", "model.num_heads": "64", "model.num_kv_heads": "8",
+          "model.head_dim": "128", "model.ffn_dim": "28672", "model.vocab_size": "32000", "model.max_seq_len": "512",
+          "model.remat_policy": "nothing_saveable", "model.attention_impl": "xla", "train.batch_size": "32",
+          "train.seq_len": "512", "parallel.zero_stage": "3", "mesh.data": "1", "mesh.fsdp": "32", "mesh.tensor": "1"}
+    cfg = load_config(cfg_path("tiny.py"), {**_SAMPLE, **ov})
+    mesh = {"data": 1, "stage": 1, "fsdp": 32, "tensor": 1}
+    assert not memory.collective_matmul(mesh, 3, 512)
+    est = memory.train_memory(cfg.model, "bf16", mesh, 3, 32, 512)
+    largest = max(tree_bytes([p], 2, mesh, zero_sharded=False, backend="tpu")
+                  for p in layer_params(cfg.model) + end_params(cfg.model))
+    assert est.compute_copy == 2 * largest
+    assert abs(topology_estimate(cfg, "v5e:4x8", mesh)["estimate_assigned_bytes"] / 2574.3e6 - 1) < 0.05
 
 
 # Pipelined samples (stage > 1) whose full buffer assignments the TPU pipeline terms were read

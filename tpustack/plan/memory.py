@@ -160,8 +160,10 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     # _pipeline_copy_bytes, and those serve as the weight residuals: #26 stacks none)
     saved_weights = (_saved_weight_bytes(cfg, layer, remat, b)
                      if cfg.scan_layers and remat == "none" and not (backend == "tpu" and stages > 1) else 0.0)
+    # (a ZeRO-3 layer on TPU reads the weights gathered in flight, counted in the copy)
+    in_copy = backend == "tpu" and (stages > 1 or (b.gathered and not windowed and b.compute < b.master))
     acts = activation_peak(cfg, compute, local_batch, seq_len, remat, tensor=mesh.get("tensor", 1),
-                           layer_weight_bytes=0.0 if backend == "tpu" and stages > 1 else layer_weights,
+                           layer_weight_bytes=0.0 if in_copy else layer_weights,
                            saved_weight_bytes=saved_weights, stages=stages,
                            microbatches=microbatches, backend=backend, repeats=repeats, dlogits=windowed)
     peak = acts.total
@@ -254,13 +256,21 @@ def _update_layout_copies(table, b: _Bytes) -> float:
 # the width moves that threshold is not measured.
 WINDOWED_MIN_FSDP = 8
 WINDOWED_MIN_TOKENS = 1024
+# XLA's SPMD partitioner runs a windowed loop one iteration per shard and refuses more than
+# SpmdPartitionerOptions.max_windowed_einsum_iteration (32): #19 (fsdp 64, ZeRO-3, 2048
+# tokens per chip) has no windowed loop. Nor is there one when the batch is also split over
+# data (#13: data 2 x fsdp 32 under ZeRO-2; #14: data 4 x fsdp 8 under ZeRO-3, 8192 tokens
+# per chip): the weight gradient's contracted batch is then split data x fsdp ways while the
+# gradient is sharded fsdp ways, which is not one of the partitioner's windowed patterns (the
+# output's non-contracted dim split over every partition), so it reduces over data first.
+WINDOWED_MAX_FSDP = 32
 
 
 def collective_matmul(mesh: dict[str, int], stage: int, tokens: int, backend: str = "tpu") -> bool:
     """Whether XLA TPU compiles the weight gradients' reduce-scatters (ZeRO-2, 3) and ZeRO-3's
     all-gathers as windowed (collective) matmuls, for `tokens` per chip (local batch x length)."""
-    return (backend == "tpu" and stage >= 2 and mesh.get("fsdp", 1) >= WINDOWED_MIN_FSDP
-            and tokens >= WINDOWED_MIN_TOKENS and mesh.get("stage", 1) == 1)
+    return (backend == "tpu" and stage >= 2 and WINDOWED_MIN_FSDP <= mesh.get("fsdp", 1) <= WINDOWED_MAX_FSDP
+            and mesh.get("data", 1) == 1 and tokens >= WINDOWED_MIN_TOKENS and mesh.get("stage", 1) == 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,7 +453,17 @@ def _cpu_unrolled(cfg: ModelConfig, table, compute: str, local_batch: int, seq_l
 
 
 def _gathered_copy_bytes(cfg: ModelConfig, mesh: dict[str, int], elem: float, backend: str = "cpu") -> float:
-    """ZeRO-3's live compute-dtype weights: two layers in flight plus embedding and head."""
+    """ZeRO-3's live compute-dtype weights: two layers in flight plus embedding and head (CPU).
+
+    TPU: XLA all-gathers each weight on its own (an async all-gather per matmul, scheduled
+    just ahead of its reader) and frees it after its last reader, so the step holds at most
+    the weight being read and the next one: two of the largest single weight, whole over
+    fsdp, split over tensor (a fresh d_model 8192 compile, ZeRO-3 over fsdp 32 on v5e:4x8:
+    two bf16 [8192, 28672] MLP weights at the peak, no other gathered weight; #2's HLO: one
+    all-gather per [1, 4096, 7168] matrix)."""
+    if backend == "tpu":
+        return 2 * max(tree_bytes([p], elem, mesh, zero_sharded=False, backend=backend)
+                       for p in layer_params(cfg) + end_params(cfg))
     return (2 * tree_bytes(layer_params(cfg), elem, mesh, zero_sharded=False, backend=backend)
             + tree_bytes(end_params(cfg), elem, mesh, zero_sharded=False, backend=backend))
 
