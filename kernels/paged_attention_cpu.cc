@@ -13,47 +13,25 @@
 // counter, so the call never waits on a task that has not started.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using namespace tpustack_cpu;
+
 struct Shape {
   int64_t S, N, H, P, L, K, M;
   float scale, soft_cap;
 };
 
-// 16 lanes of f32: GCC/Clang vector extensions, lowered to AVX-512, or pairs of AVX2/NEON ops.
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-typedef uint32_t u16v __attribute__((vector_size(64)));
-typedef uint16_t h16v __attribute__((vector_size(32)));
-constexpr int kLanes = 16;
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline v16 load16(const uint16_t* p) {  // bfloat16: the high half of an f32
-  h16v h;
-  std::memcpy(&h, p, sizeof(h));
-  u16v w = __builtin_convertvector(h, u16v) << 16;
-  v16 v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-inline v16 splat(float x) { return v16{} + x; }
 inline float hmax(v16 v) {
   float m = v[0];
   for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
@@ -174,47 +152,19 @@ void attend_item(const Shape& d, const float* q, const T* k_pages, const T* v_pa
   }
 }
 
-// Work shared between the caller and pool tasks; a task that starts after the last item
-// finds nothing to do, so the state lives as long as any task holds it.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-template <typename T>
-void run_items(std::shared_ptr<Work> work, const Shape& d, const float* q, const T* k, const T* v,
-               const int32_t* table, const int32_t* lengths, float* out) {
-  std::vector<float> scratch;
-  int64_t finished = 0;
-  for (int64_t i; (i = work->next.fetch_add(1)) < work->total; ++finished) {
-    if (d.H == 64)
-      attend_item<T, 4>(d, q, k, v, table, lengths, out, i, scratch);
-    else if (d.H == 128)
-      attend_item<T, 8>(d, q, k, v, table, lengths, out, i, scratch);
-    else
-      attend_item<T, 0>(d, q, k, v, table, lengths, out, i, scratch);
-  }
-  if (finished && work->done.fetch_add(finished) + finished == work->total) {
-    std::lock_guard<std::mutex> lock(work->mu);
-    work->cv.notify_all();
-  }
-}
-
 template <typename T>
 void run(ffi::ThreadPool& pool, const Shape& d, const float* q, const T* k, const T* v, const int32_t* table,
          const int32_t* lengths, float* out) {
-  auto work = std::make_shared<Work>();
-  work->total = d.S;
   // Items are whole rows: only worth other threads when there are several.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->total / 2);
-  for (int64_t i = 0; i < helpers; ++i)
-    pool.Schedule([work, d, q, k, v, table, lengths, out] { run_items(work, d, q, k, v, table, lengths, out); });
-  run_items(work, d, q, k, v, table, lengths, out);
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == work->total; });
+  parallel(pool, d.S, d.S / 2, [=, &d](int64_t s) {
+    thread_local std::vector<float> scratch;
+    if (d.H == 64)
+      attend_item<T, 4>(d, q, k, v, table, lengths, out, s, scratch);
+    else if (d.H == 128)
+      attend_item<T, 8>(d, q, k, v, table, lengths, out, s, scratch);
+    else
+      attend_item<T, 0>(d, q, k, v, table, lengths, out, s, scratch);
+  });
 }
 
 ffi::Error paged_attention_cpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,

@@ -2,10 +2,7 @@
 
 XLA's CPU gathers copy every page before tiny batched dots (~3 GB/s on a 2-core VM); the
 native kernel streams pages in place, a row (all its heads) at a time on XLA's own intra-op
-thread pool. It is built with the system C++ compiler on first use (a few seconds)
-into a cache keyed by its source, the compiler flags, jax's FFI headers and this CPU
-($TPUSTACK_KERNEL_CACHE, else ~/.cache/tpustack/kernels, else a temp folder), and registered
-with jax once.
+thread pool. It is built with the system C++ compiler on first use (kernels/_native.py).
 Where it cannot be built (no compiler, a failed build), `unavailable()` says why and callers
 use XLA.
 """
@@ -14,84 +11,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _native
+
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cc")
 _TARGET = "tpustack_paged_attention_cpu"
 _WRITE_TARGET = "tpustack_write_slots_cpu"
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 PAGE_DTYPES = ("float32", "bfloat16")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line  # the first of them: the model, or the ISA where there is no model
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cache_dirs() -> list[Path]:
-    """Where the built library may live: $TPUSTACK_KERNEL_CACHE, else ~/.cache/tpustack/kernels,
-    then a per-user temp directory (a read-only home still gets the kernel)."""
-    first = os.environ.get("TPUSTACK_KERNEL_CACHE") or Path.home() / ".cache" / "tpustack" / "kernels"
-    return [Path(first), Path(tempfile.gettempdir()) / f"tpustack-kernels-{os.getuid()}"]
-
-
-def _build(lib: Path, compiler: str, include: Path) -> str | None:
-    """Compile the kernel into lib (atomically: parallel test workers agree on one file); why not."""
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp)
-        return f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}"
-    os.replace(tmp, lib)
-    return None
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
     """(the loaded library, None) or (None, why not)."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        return None, "no C++ compiler on PATH (set CXX, or install g++)"
-    include = Path(jax.ffi.include_dir())
-    key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), (include / "xla" / "ffi" / "api" / "ffi.h").read_bytes(),
-                 " ".join((compiler, *_FLAGS)).encode(), _cpu_name().encode()):
-        key.update(part)
-    name = f"paged_attention_cpu-{key.hexdigest()[:16]}.so"
-    why = "no writable cache directory"
-    for folder in _cache_dirs():
-        lib = folder / name
-        try:
-            why = None if lib.exists() else _build(lib, compiler, include)
-            if why is not None:  # the compiler refused: another folder would not change that
-                return None, why
-            handle = ctypes.cdll.LoadLibrary(str(lib))
-            break
-        except OSError as e:  # unwritable folder, or a library that does not load: try the next
-            why = f"{lib}: {e}"
-    else:
-        return None, why
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handle.TpustackPagedAttentionCpu), platform="cpu")
-    jax.ffi.register_ffi_target(_WRITE_TARGET, jax.ffi.pycapsule(handle.TpustackWriteSlotsCpu), platform="cpu")
-    return handle, None
+    return _native.load(_SOURCE, {_TARGET: "TpustackPagedAttentionCpu", _WRITE_TARGET: "TpustackWriteSlotsCpu"})
 
 
 def unavailable(page_dtype=None, head_dim: int = 16, quantized: bool = False) -> str | None:

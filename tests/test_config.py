@@ -90,7 +90,7 @@ BAD_VALUES = [
     ("model.norm_eps", "-1e-5"), ("model.tie_embeddings", "maybe"), ("model.max_seq_len", "0"),
     ("model.init_std", "0"), ("model.param_dtype", "bfloat16"), ("model.dtype", "float64"),
     ("model.scan_layers", "2"), ("model.remat_policy", "everything"), ("model.attention_impl", "flash"),
-    ("model.weight_quant", "int3"), ("model.weight_group", "100"), ("model.matmul_impl", "cuda"),
+    ("model.weight_quant", "int3"), ("model.weight_group", "100"), ("model.matmul_impl", "cuda"), ("model.decode_kernels", "cpu"),
     ("model.lora_rank", "-1"), ("model.lora_alpha", "0"), ("model.lora_targets", "q,lm_head"),
     ("mesh.data", "0"), ("mesh.stage", "-3"), ("mesh.fsdp", "-2"), ("mesh.tensor", "0"), ("mesh.dcn_data", "0"),
     ("mesh.dcn_stage", "-1"), ("mesh.dcn_fsdp", "0"), ("mesh.dcn_tensor", "0"),

@@ -159,3 +159,36 @@ def test_prefill_of_prompts_longer_than_a_query_block_matches_the_reference(para
     got = gen.generate(ps, 6)
     for p, out in zip(ps, got):
         assert out == greedy_reference(params, p, 6)
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_native_cpu_decode_kernels_give_the_xla_tokens(params, cache_dtype):
+    """model.decode_kernels=auto (CPU: the native matmul for 2-8 rows and paged attention over the
+    cache in place) decodes the same greedy tokens as XLA alone, batch of 3 with mixed lengths."""
+    import dataclasses
+
+    from flax.linen import meta
+
+    from tpustack.kernels import matmul_impl, paged_attention_impl
+
+    assert matmul_impl(3) == "cpu" and paged_attention_impl(16, CFG.heads_dim, "float32") == "cpu"
+    batch = prompts([4, 13, 9], seed=7)
+    native = Generator(CFG, meta.unbox(params), cache_dtype=cache_dtype).generate(batch, 12)
+    xla = Generator(dataclasses.replace(CFG, decode_kernels="xla"), meta.unbox(params),
+                    cache_dtype=cache_dtype).generate(batch, 12)
+    assert native == xla
+
+
+def test_cache_attention_on_the_native_kernel_equals_the_einsum():
+    """Several queries per row at different positions (a speculative verify) over a [B, S, K, H] cache."""
+    from tpustack.infer.cache import LayerCache
+    from tpustack.model.layers import cache_attention_cpu, grouped_attention
+
+    r = np.random.default_rng(8)
+    B, T, S, N, K, H = 2, 3, 40, 4, 2, 16
+    q = jnp.asarray(r.normal(size=(B, T, N, H)), jnp.float32)
+    cache = LayerCache(*(jnp.asarray(r.normal(size=(B, S, K, H)), jnp.float32) for _ in range(2)))
+    positions = jnp.array([[5, 6, 7], [30, 31, 32]])
+    mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]
+    want = grouped_attention(q, cache.k_BSKH, cache.v_BSKH, mask)
+    np.testing.assert_allclose(jax.jit(cache_attention_cpu)(q, cache, positions), want, rtol=2e-5, atol=2e-5)

@@ -65,6 +65,10 @@ class ModelConfig:
     attention_impl: str = "xla"  # xla (einsum) | cudnn | pallas (tpustack.kernels) | auto (pallas on TPU/GPU)
     weight_quant: str = "none"  # none | int8 | int4: weight-only quantized matmuls (serving)
     matmul_impl: str = "auto"  # impl= of the quantized matmul kernels: auto | pallas | xla | reference
+    # decoding with a KV cache on a CPU backend: auto = tpustack's native CPU kernels where they
+    # apply (kernels.matmul for 1-8 rows, paged attention reading the cache in place), xla = XLA's
+    # ops only. Passes without a cache (training, scoring) always use XLA.
+    decode_kernels: str = "auto"
     weight_group: int = 128  # input rows per scale/zero point of weight_quant=int4_zp (tpustack quantize)
     lora_rank: int = 0  # > 0: LoRA adapters of this rank on the lora_targets linears (tpustack finetune)
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank

@@ -77,6 +77,7 @@ FIELD_CHECKS: dict[str, Check | None] = {
     "model.weight_quant": _one_of("none", "int8", "int4", "nf4", "int4_zp"),
     "model.weight_group": _one_of(32, 64, 128, 256),
     "model.matmul_impl": _one_of("auto", "pallas", "xla", "reference"),
+    "model.decode_kernels": _one_of("auto", "xla"),
     "model.lora_rank": _at_least(0, "; 0: no adapters"), "model.lora_alpha": _above(0),
     "model.lora_targets": Check(lambda v: bool(v) and set(v.split(",")) <= set(LORA_TARGETS),
                                 f"{{v!r}}: comma-separated names from {','.join(LORA_TARGETS)}"),

@@ -6,6 +6,8 @@ TTFT is the prefill plus the first sampled token. TPOT = (end-to-end - TTFT) /
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 import jax
@@ -42,9 +44,13 @@ def time_generation(gen: Generator, prompts: list[list[int]], new_tokens: int,
     return result
 
 
-def load_generator(checkpoint: str, draft: str | None = None, k: int = 4, cache_dtype: str = "float32"):
-    """(tokenizer, Generator or SpeculativeGenerator) of a checkpoint, through the one loader."""
+def load_generator(checkpoint: str, draft: str | None = None, k: int = 4, cache_dtype: str = "float32",
+                   decode_kernels: str | None = None):
+    """(tokenizer, Generator or SpeculativeGenerator) of a checkpoint, through the one loader;
+    decode_kernels overrides model.decode_kernels (auto | xla)."""
     cfg, params, tokenizer = load_weights(checkpoint)
+    if decode_kernels is not None:
+        cfg = dataclasses.replace(cfg, decode_kernels=decode_kernels)
     eos = getattr(tokenizer, "eos_id", None)
     eos = -1 if eos is None else eos
     if draft is None:

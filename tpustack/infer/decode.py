@@ -125,7 +125,7 @@ class Generator:
     rules: str = "default"
 
     def __post_init__(self):
-        self.cfg = dataclasses.replace(self.cfg, scan_layers=False, remat_policy="none")
+        self.cfg = dataclasses.replace(self.cfg, scan_layers=False, remat_policy="none", **self._dense())
         self.params = self.place(unstack_layers(self.params, self.cfg), self.cfg)
         self.model = Decoder(self.cfg)
         self._prefill = jax.jit(
@@ -144,6 +144,10 @@ class Generator:
         check_divisible(params, jax.tree.map(lambda s: s.spec, param_shardings(cfg, self.mesh, self._rules())),
                         self.mesh)
         return jax.device_put(params, param_shardings(cfg, self.mesh, self._rules()))
+
+    def _dense(self) -> dict:
+        """Sharded weights stay on XLA's dots: a native kernel sees whole arrays (SPMD would gather them)."""
+        return {} if self.mesh is None else {"decode_kernels": "xla"}
 
     def _rules(self):
         return rules_for(self.rules)

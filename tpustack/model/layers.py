@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tpustack.config import ModelConfig
-from tpustack.kernels import compat, decode_attention, flash_attention
+from tpustack.kernels import compat, decode_attention, flash_attention, matmul, paged_attention, paged_attention_impl
 from tpustack.model.fp8 import COLLECTION as FP8_COLLECTION
 from tpustack.model.fp8 import fp8_dense
 from tpustack.model.quant import quantized_dense
@@ -47,17 +47,20 @@ class RMSNorm(nn.Module):
         return x32.astype(x_BTD.dtype) * scale_D
 
 
-def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, contract: int = 1, impl: str = "xla") -> jax.Array:
     """x [..., *in] @ w [*in, *out] (in = w's first `contract` dims) as one 2-D matmul.
 
     Same math as the einsum, but XLA CPU lowers the weight gradient of a 3-D einsum such as
     "btd,df->btf" with a transposed copy of the [B*T, F] cotangent, an element-strided loop
     that took longer than the matmul itself; a 2-D dot's gradients are plain dots.
+    `impl` is tpustack.kernels.matmul's: "auto" (model.decode_kernels when decoding) may take
+    the native CPU kernel, "xla" never does.
     """
     in_shape, out_shape = w.shape[:contract], w.shape[contract:]
     lead = x.shape[: x.ndim - contract]
     assert x.shape[x.ndim - contract:] == in_shape, (x.shape, w.shape)
-    y = x.reshape(math.prod(lead), math.prod(in_shape)) @ w.reshape(math.prod(in_shape), math.prod(out_shape))
+    y = matmul(x.reshape(math.prod(lead), math.prod(in_shape)),
+               w.reshape(math.prod(in_shape), math.prod(out_shape)), impl=impl)
     return y.reshape(*lead, *out_shape)
 
 
@@ -71,7 +74,7 @@ def linear(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...]
         if module.has_variable(FP8_COLLECTION, name):  # train.precision=fp8: the train step passes the scales
             y = fp8_dense(module, name, x, w, contract=len(in_shape))
         else:
-            y = dense(x, w, contract=len(in_shape))
+            y = dense(x, w, contract=len(in_shape), impl=cfg.decode_kernels)
     else:
         y = quantized_dense(module, name, x, in_shape, out_shape, flat_names, cfg)
     if cfg.lora_rank and name in cfg.lora_targets.split(","):
@@ -124,6 +127,16 @@ def kernel_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, im
     kv_spec = spec_for(k_BSKH, ("batch", "length", "act_kv_heads", None))
     return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
                          check_vma=False)(q_BTNH, k_BSKH, v_BSKH)
+
+
+def cache_attention_cpu(q_BTNH: jax.Array, cache, positions_BT: jax.Array) -> jax.Array:
+    """Each query over its row's cached keys at or before its position, through the native CPU
+    paged kernel: the [B, S, K, H] cache is B pages of S slots, query (b, t) reads page b."""
+    b, t, n, h = q_BTNH.shape
+    rows_R1 = jnp.repeat(jnp.arange(b, dtype=jnp.int32), t)[:, None]
+    out_RNH = paged_attention(q_BTNH.reshape(b * t, n, h), cache.k_BSKH, cache.v_BSKH, rows_R1,
+                              (positions_BT + 1).reshape(b * t), impl="cpu")
+    return out_RNH.reshape(b, t, n, h)
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -226,6 +239,11 @@ class Attention(nn.Module):
                                            k_scale_BSK=cache.k_scale_BSK, v_scale_BSK=cache.v_scale_BSK,
                                            impl=impl)
                 return project_out(out_BNH[:, None]), cache
+            if impl is None and cfg.decode_kernels == "auto" and not cache.quantized and \
+                    paged_attention_impl(cache.k_BSKH.shape[1], h, q_BTNH.dtype, page_dtype=cache.k_BSKH.dtype) == "cpu":
+                # CPU: the native paged kernel reads the cache in place, one page per row; XLA's
+                # einsums copied the whole cache to [B, K, S, H] in every layer of every step
+                return project_out(cache_attention_cpu(q_BTNH, cache, positions_BT)), cache
             k_BSKH, v_BSKH = cache.read(q_BTNH.dtype)
             mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
             out_BTNH = grouped_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)

@@ -6,6 +6,7 @@ compiles one block; remat (`model.remat_policy`) names a jax.checkpoint_policies
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -74,6 +75,8 @@ class Decoder(nn.Module):
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, cache=None,
                  prefill: bool = False, select_BS: jax.Array | None = None):
         cfg = self.cfg
+        if cache is None and cfg.decode_kernels != "xla":  # model.decode_kernels is for decoding with a cache
+            cfg = dataclasses.replace(cfg, decode_kernels="xla")
         pipelined = self.pipeline is not None and cache is None and not self.is_initializing()
         if pipelined and positions_BT is not None:
             raise ValueError("the pipelined decoder trains on whole sequences: pass no positions")
@@ -108,7 +111,7 @@ class Decoder(nn.Module):
             x_BTD = jnp.take_along_axis(x_BTD, select_BS[..., None], axis=1)
         x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
-            logits_BTV = dense(x_BTD, embedding_VD.T)
+            logits_BTV = dense(x_BTD, embedding_VD.T, impl=cfg.decode_kernels)
         else:
             logits_BTV = linear(self, "lm_head", x_BTD, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
