@@ -188,6 +188,26 @@ def test_zero3_gathers_one_weight_at_a_time_on_tpu():
     assert abs(topology_estimate(cfg, "v5e:4x8", mesh)["estimate_assigned_bytes"] / 2574.3e6 - 1) < 0.05
 
 
+def test_one_scanned_layer_is_not_a_loop_on_tpu():
+    """XLA's while-loop simplifier removes a trip-count-1 layer scan (#62 and a fresh d_model
+    4096 compile have no while loop): with one layer the backward reads its residuals and the
+    cast weights in place, so the workspace holds no copies of them and nothing is stacked per
+    step; with two layers it copies the residuals out of the stacks."""
+    m1 = load_config(cfg_path("tiny.py"), {"model.num_layers": "1", "model.scan_layers": "True"}).model
+    m2 = dataclasses.replace(m1, num_layers=2)
+    kw = dict(backend="tpu")
+    one = activations.activations(m1, "bfloat16", 2, 256, "none", **kw)
+    assert one.layer == pytest.approx(activations.mlp_cotangent_bytes(m1, "bfloat16", 2, 256, backend="tpu")
+                                      + activations.probs_cotangent_bytes(m1, "bfloat16", 2, 256, backend="tpu"))
+    two = activations.activations(m2, "bfloat16", 2, 256, "none", **kw)
+    assert two.layer > one.layer and two.saved == 2 * one.saved
+    mesh = {"data": 1, "stage": 1, "fsdp": 4, "tensor": 1}
+    # train_memory adds no weight slice to the one layer's workspace (the loop phase is at most
+    # saved + layer, the head's at most saved + head)
+    est1 = memory.train_memory(m1, "bf16", mesh, 1, 8, 256, "none")
+    assert 0 < est1.activations <= max(one.saved + one.layer, one.saved + one.head)
+
+
 # Pipelined samples (stage > 1) whose full buffer assignments the TPU pipeline terms were read
 # off (memory._tpu_pipeline_peak): config, topology, memory_analysis total, dumped HBM assignment.
 PIPELINE_SAMPLES = {

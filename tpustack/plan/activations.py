@@ -212,7 +212,10 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         # read in place) out of the stacked buffers, makes the MLP's three [B, T, F]
         # cotangents, and reads its weights.
         f_part = _sum([r for r in residuals if r[0].startswith("mlp")], backend)
-        layer_ws = per_layer - f_part + mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend) + layer_weight_bytes
+        # (one layer on TPU: XLA's while-loop simplifier removes the trip-count-1 scan, so
+        # the residuals are plain values the backward reads in place: nothing is copied)
+        copied = 0.0 if backend == "tpu" and layers == 1 and stages == 1 else per_layer - f_part
+        layer_ws = copied + mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend) + layer_weight_bytes
         if backend == "tpu":
             layer_ws += probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
     else:  # nothing_saveable and friends: only each layer's input [B, T, D] survives,

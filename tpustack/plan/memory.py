@@ -158,10 +158,15 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     layer_weights = b.tree(layer, b.compute, zero_sharded=False)
     # (a pipeline on TPU reads its stage's weights from the loop-invariant cast views of
     # _pipeline_copy_bytes, and those serve as the weight residuals: #26 stacks none)
-    saved_weights = (_saved_weight_bytes(cfg, layer, remat, b)
-                     if cfg.scan_layers and remat == "none" and not (backend == "tpu" and stages > 1) else 0.0)
+    # One scanned layer on TPU: XLA's while-loop simplifier removes the trip-count-1 scan
+    # (no while loop in the HLO of sample #62 or of a fresh d_model 4096 compile), so the
+    # layer reads the hoisted cast copy itself (no slice of it) and stacks nothing per step.
+    one_layer = backend == "tpu" and cfg.scan_layers and cfg.num_layers == 1 and stages == 1
+    saved_weights = (_saved_weight_bytes(cfg, layer, remat, b) if cfg.scan_layers and remat == "none"
+                     and not (backend == "tpu" and stages > 1) and not one_layer else 0.0)
     # (a ZeRO-3 layer on TPU reads the weights gathered in flight, counted in the copy)
-    in_copy = backend == "tpu" and (stages > 1 or (b.gathered and not windowed and b.compute < b.master))
+    in_copy = backend == "tpu" and (stages > 1 or (b.gathered and not windowed and b.compute < b.master)
+                                    or (one_layer and stage < 3))
     acts = activation_peak(cfg, compute, local_batch, seq_len, remat, tensor=mesh.get("tensor", 1),
                            layer_weight_bytes=0.0 if in_copy else layer_weights,
                            saved_weight_bytes=saved_weights, stages=stages,
