@@ -73,7 +73,10 @@ inline void parallel(xla::ffi::ThreadPool& pool, int64_t total, int64_t helpers,
   auto work = std::make_shared<Work>();
   work->total = total;
   work->item = std::move(item);
-  helpers = std::min<int64_t>({helpers, pool.num_threads(), total - 1});
+  // The pool has a thread per core and the caller is one more thread: helpers beyond
+  // num_threads - 1 would share cores (3 workers on 2 cores ran the head's matmul at the
+  // speed of ~1.2).
+  helpers = std::min<int64_t>({helpers, std::max<int64_t>(pool.num_threads() - 1, 0), total - 1});
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run_items(*work); });
   run_items(*work);
   // A helper's item takes about as long as ours: spin a little before sleeping (a sleep and

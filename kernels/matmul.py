@@ -4,9 +4,8 @@ XLA CPU hands dots of 2..8 rows to YNNPACK, whose GEMM over weights streamed fro
 cost 1.3x (M = 2) to ~2x (M = 4..8) a one-row step on a 23M model: a speculative verify of
 k + 1 tokens then costs ~2 decoding steps, which is most of what speculation saves.
 matmul_cpu.cc streams w once for all rows instead (a 5-row pass of the 23M target: 4.2 ms
-against 5.4 ms on XLA, a one-row step 2.9 ms). One row stays on XLA (its gemv emitter streams
-as fast), and so do more than 8 rows (compute-bound: XLA's GEMM is good there). Inference
-needs only the forward; gradients, if asked for, are XLA's dots.
+against 5.4 ms on XLA). More than 8 rows stay on XLA (compute-bound: XLA's GEMM is good
+there). Inference needs only the forward; gradients, if asked for, are XLA's dots.
 """
 
 from __future__ import annotations
@@ -17,9 +16,10 @@ import jax.numpy as jnp
 from . import compat, matmul_cpu
 
 MATMUL_IMPLS = ("auto", "cpu", "xla")
-# One row stays on XLA: its gemv emitter streams the weights as fast (decode TPOT 2.8-3.0 ms on
-# the 23M target against 3.6-4.2 ms through the kernel, in the decode loop).
-NATIVE_ROWS = (2, matmul_cpu.STREAM_ROWS)  # the rows `auto` gives the native kernel on CPU
+# One row too: with the work on as many threads as cores, a 23M model's plain decoding step is
+# 0.60-0.79x XLA's gemv's in the decode loop (bench decode TPOT, same run). More than 8 rows
+# are compute-bound, where XLA's GEMM does as well (the LM head [64, 768] x [768, 32000]: 25 ms both).
+NATIVE_ROWS = (1, matmul_cpu.STREAM_ROWS)  # the rows `auto` gives the native kernel on CPU
 
 
 def matmul_impl(m: int, w_dtype=jnp.float32, impl: str = "auto") -> str:
