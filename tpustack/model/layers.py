@@ -239,8 +239,9 @@ class Attention(nn.Module):
                                            k_scale_BSK=cache.k_scale_BSK, v_scale_BSK=cache.v_scale_BSK,
                                            impl=impl)
                 return project_out(out_BNH[:, None]), cache
-            if impl is None and cfg.decode_kernels == "auto" and not cache.quantized and \
-                    paged_attention_impl(cache.k_BSKH.shape[1], h, q_BTNH.dtype, page_dtype=cache.k_BSKH.dtype) == "cpu":
+            if impl is None and cfg.decode_kernels == "auto" and not cache.quantized and compat.backend() == "cpu" \
+                    and paged_attention_impl(cache.k_BSKH.shape[1], h, q_BTNH.dtype,
+                                             page_dtype=cache.k_BSKH.dtype) == "cpu":
                 # CPU: the native paged kernel reads the cache in place, one page per row; XLA's
                 # einsums copied the whole cache to [B, K, S, H] in every layer of every step
                 return project_out(cache_attention_cpu(q_BTNH, cache, positions_BT)), cache
