@@ -30,12 +30,12 @@ def matmul_impl(m: int, w_dtype=jnp.float32, impl: str = "auto") -> str:
         return "xla"
     if impl == "cpu":
         why = "the native kernel runs on a CPU backend only" if compat.backend() != "cpu" else \
-            matmul_cpu.unavailable(m, w_dtype)
+            matmul_cpu.unavailable(w_dtype)
         if why:
             raise compat.KernelShapeError(f"matmul (cpu): {why}")
         return "cpu"
     lo, hi = NATIVE_ROWS
-    take = compat.backend() == "cpu" and lo <= m <= hi and matmul_cpu.unavailable(m, w_dtype) is None
+    take = compat.backend() == "cpu" and lo <= m <= hi and matmul_cpu.unavailable(w_dtype) is None
     return "cpu" if take else "xla"
 
 

@@ -10,8 +10,10 @@
 // computes one pass it prefetches the next, so the multiply-adds overlap the memory reads.
 // The rows of w (K) are split into one part per thread: each thread streams one contiguous
 // region, and the partial sums are added at the end in part order, so the result does not
-// depend on M or on which thread ran which part. Parts are shared by the calling thread
-// and XLA's intra-op thread pool through an atomic counter (no second thread pool).
+// depend on M or on which thread ran which part. Past kStreamRows rows the work is compute-bound:
+// column chunks instead, each pass of w folded into every group of rows while it is cached.
+// Work items are shared by the calling thread and XLA's intra-op thread pool through an atomic
+// counter (cpu_common.h: no second thread pool).
 
 #include <algorithm>
 #include <cstdint>

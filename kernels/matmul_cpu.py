@@ -1,11 +1,9 @@
 """Dense matmul on CPU: matmul_cpu.cc, an XLA FFI custom call (built on first use, kernels/_native.py).
 
-XLA CPU's dots inside a decoder step ran at a fraction of their isolated speed: the small-M
-dots of decoding and speculative verification (M = 2..8 go to YNNPACK, whose GEMM over
-weights streamed from memory cost 1.3-2x a one-token step) and the M = 64..1024 dots of
-batched decode and prefill (50-80 GFLOP/s in the program against ~200 alone). The kernel
-streams w once for up to 8 rows of x and hands larger M to OpenBLAS's SGEMM (the
-scipy-openblas32 wheel, loaded at run time), splitting the work over XLA's own thread pool.
+XLA CPU hands the dots of 2..8 rows (decoding a few sequences, a speculative verify of k + 1
+tokens) to YNNPACK, whose GEMM over weights streamed from memory cost 1.3-2x a one-row step.
+The kernel streams w once for up to 8 rows of x (more rows: column chunks, w still read once),
+splitting the work over XLA's own intra-op thread pool. kernels/matmul.py decides when to use it.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from . import _native
 
 _SOURCE = Path(__file__).with_name("matmul_cpu.cc")
 _TARGET = "tpustack_matmul_cpu"
-STREAM_ROWS = 8  # the kernel's own path; more rows need OpenBLAS (f32 weights)
+STREAM_ROWS = 8  # rows of x the streaming path folds per pass over w (matmul_cpu.cc kStreamRows)
 W_DTYPES = ("float32", "bfloat16")
 
 
@@ -31,8 +29,8 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     return _native.load(_SOURCE, {_TARGET: "TpustackMatmulCpu"}, flags=("-ffp-contract=fast",))
 
 
-def unavailable(m: int = 1, w_dtype=jnp.float32) -> str | None:
-    """None when the native kernel takes an [m, K] @ [K, N] of w_dtype weights here, else why not."""
+def unavailable(w_dtype=jnp.float32) -> str | None:
+    """None when the native kernel takes w_dtype weights here (any M, K, N), else why not."""
     name = jnp.dtype(w_dtype).name
     if name not in W_DTYPES:
         return f"weights of {name}: the native matmul reads {W_DTYPES}"
@@ -41,7 +39,7 @@ def unavailable(m: int = 1, w_dtype=jnp.float32) -> str | None:
 
 def matmul_cpu(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
     """x [M, K] @ w [K, N] in f32 (w f32 or bf16); [M, N] f32."""
-    reason = unavailable(x_MK.shape[0], w_KN.dtype)
+    reason = unavailable(w_KN.dtype)
     if reason:
         raise RuntimeError(f"matmul (cpu): {reason}")
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_MK.shape[0], w_KN.shape[1]), jnp.float32),
