@@ -171,6 +171,10 @@ def test_native_cpu_decode_kernels_give_the_xla_tokens(params, cache_dtype):
 
     from tpustack.kernels import matmul_impl, paged_attention_impl
 
+    from tpustack.kernels import matmul_cpu
+
+    if matmul_cpu.unavailable():
+        pytest.skip(matmul_cpu.unavailable())
     assert matmul_impl(3) == "cpu" and paged_attention_impl(16, CFG.heads_dim, "float32") == "cpu"
     batch = prompts([4, 13, 9], seed=7)
     native = Generator(CFG, meta.unbox(params), cache_dtype=cache_dtype).generate(batch, 12)

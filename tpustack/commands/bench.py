@@ -165,9 +165,9 @@ def _decode(args) -> int:
 
 def _native_decode(gen) -> bool:
     """Whether this generator's decode steps take tpustack's native CPU kernels (model.decode_kernels)."""
-    import jax
+    from tpustack.kernels import matmul_impl
 
-    return gen.cfg.decode_kernels == "auto" and jax.default_backend() == "cpu"
+    return gen.cfg.decode_kernels == "auto" and matmul_impl(1, gen.cfg.dtype) == "cpu"
 
 
 def _timed_interleaved(gens: dict, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:

@@ -7,7 +7,6 @@ TTFT is the prefill plus the first sampled token. TPOT = (end-to-end - TTFT) /
 from __future__ import annotations
 
 import dataclasses
-
 import time
 
 import jax

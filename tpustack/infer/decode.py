@@ -125,7 +125,7 @@ class Generator:
     rules: str = "default"
 
     def __post_init__(self):
-        self.cfg = dataclasses.replace(self.cfg, scan_layers=False, remat_policy="none", **self._dense())
+        self.cfg = dataclasses.replace(self.cfg, scan_layers=False, remat_policy="none", **self._decode_kernels())
         self.params = self.place(unstack_layers(self.params, self.cfg), self.cfg)
         self.model = Decoder(self.cfg)
         self._prefill = jax.jit(
@@ -145,7 +145,7 @@ class Generator:
                         self.mesh)
         return jax.device_put(params, param_shardings(cfg, self.mesh, self._rules()))
 
-    def _dense(self) -> dict:
+    def _decode_kernels(self) -> dict:
         """Sharded weights stay on XLA's dots: a native kernel sees whole arrays (SPMD would gather them)."""
         return {} if self.mesh is None else {"decode_kernels": "xla"}
 

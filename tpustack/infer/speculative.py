@@ -166,7 +166,7 @@ class SpeculativeGenerator(Generator):
                             f"target's {self.cfg.vocab_size}; they must share one tokenizer")
         if self.k < 1:
             raise UserError(f"--speculate-k {self.k}: must be >= 1")
-        self.draft_cfg = dataclasses.replace(self.draft_cfg, scan_layers=False, remat_policy="none", **self._dense(),
+        self.draft_cfg = dataclasses.replace(self.draft_cfg, scan_layers=False, remat_policy="none", **self._decode_kernels(),
                                              max_seq_len=max(self.draft_cfg.max_seq_len, self.cfg.max_seq_len))
         self.draft_params = self.place(unstack_layers(self.draft_params, self.draft_cfg), self.draft_cfg)
         self.draft = Decoder(self.draft_cfg)

@@ -111,7 +111,9 @@ class Decoder(nn.Module):
             x_BTD = jnp.take_along_axis(x_BTD, select_BS[..., None], axis=1)
         x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
-            logits_BTV = dense(x_BTD, embedding_VD.T, impl=cfg.decode_kernels)
+            # XLA: it folds the transpose into its dot; a custom call would get a copy of the
+            # whole [D, V] table every step
+            logits_BTV = dense(x_BTD, embedding_VD.T)
         else:
             logits_BTV = linear(self, "lm_head", x_BTD, (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
