@@ -56,6 +56,30 @@ def _native_bwd(res, g_MN):
 _native.defvjp(_native_fwd, _native_bwd)
 
 
+def packable(w_dtype=jnp.float32) -> str | None:
+    """None when `pack_weight` / `packed_matmul` run here (a CPU backend, the native kernel
+    built, f32 or bf16 weights), else why not."""
+    if compat.backend() != "cpu":
+        return "the packed matmul runs on a CPU backend only"
+    return matmul_cpu.unavailable(w_dtype)
+
+
+def pack_weight(w_KN: jax.Array) -> jax.Array:
+    """w [K, N] packed once for `packed_matmul`: [ceil(N / 48), K, 48], column panels (zero-padded).
+    An inference engine packs its dense weights at load: every block the kernel reads is then
+    contiguous (no per-call copy of w), and a row's result does not depend on how many rows
+    share the call."""
+    return matmul_cpu.pack(w_KN)
+
+
+def packed_matmul(x_MK: jax.Array, w_PKC: jax.Array, n: int) -> jax.Array:
+    """x [M, K] @ w (`pack_weight` of a [K, n]) in x's dtype (f32 accumulation); forward only."""
+    why = packable(w_PKC.dtype)
+    if why:
+        raise compat.KernelShapeError(f"packed_matmul: {why}")
+    return matmul_cpu.matmul_packed_cpu(x_MK, w_PKC, n).astype(x_MK.dtype)
+
+
 def matmul(x_MK: jax.Array, w_KN: jax.Array, impl: str = "auto") -> jax.Array:
     """x [M, K] @ w [K, N] in x's dtype (f32 accumulation); impl auto | cpu | xla (see matmul_impl)."""
     if matmul_impl(x_MK.shape[0], w_KN.dtype, impl) == "cpu":

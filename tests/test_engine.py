@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from flax.linen import meta
 
 from tpustack.config import ModelConfig
@@ -19,8 +20,9 @@ from tpustack.infer.decode import Generator
 from tpustack.infer.engine import Engine, EngineConfig
 from tpustack.infer.sampling import SamplingParams
 from tpustack.infer.speculative import SpeculativeGenerator
-from tpustack.kernels import paged_attention_cpu
+from tpustack.kernels import packable, paged_attention_cpu
 from tpustack.model import Decoder
+from tpustack.model.layers import PACKED_COLLECTION
 
 CFG = ModelConfig(vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
                   max_seq_len=128, init_std=0.3)
@@ -288,3 +290,23 @@ def test_engine_with_the_pallas_paged_kernel_matches_solo():
     engine = Engine(cfg, params, EngineConfig(page_size=16, num_pages=32, max_seqs=8, token_budget=32, chunk_size=16,
                                               token_buckets=(32,), seq_buckets=(8,), attention_impl="pallas"))
     assert engine.generate(prompts, 12) == solo
+
+
+@pytest.mark.skipif(packable() is not None, reason=str(packable()))
+def test_engine_packs_its_dense_weights_once_for_the_cpu_matmul(params):
+    """On CPU every float dense weight is packed at load (and dropped from "params"); the step's
+    greedy tokens are the solo decode loop's (the tests above) and XLA's."""
+    packed = Engine(CFG, params, NARROW).params
+    flat = traverse_util.flatten_dict(packed[PACKED_COLLECTION])
+    assert not CFG.tie_embeddings and {k[-1] for k in flat} == {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
+    assert all(w.ndim == 3 and w.shape[-1] == 48 for w in flat.values())
+    assert not set(flat) & set(traverse_util.flatten_dict(packed["params"]))
+    xla = Engine(dataclasses.replace(CFG, decode_kernels="xla"), params, NARROW)
+    assert set(xla.params) == {"params"}
+    prompts, outs = workload(12, seed=7)
+    results = []
+    for engine in (Engine(CFG, params, NARROW), xla):
+        ids = [engine.add(p, m) for p, m in zip(prompts, outs)]
+        drive(engine)
+        results.append([engine.requests[i].output for i in ids])
+    assert results[0] == results[1]

@@ -43,7 +43,8 @@ def test_engine_step_compiles_for_tpu(generation, dtype):
     sampling = {"temperature": sds((SEQS,), jnp.float32), "top_k": i32(SEQS), "top_p": sds((SEQS,), jnp.float32),
                 "seed": sds((SEQS,), jnp.uint32)}
     model = Decoder(CFG)
-    step = jax.shard_map(lambda params, pages, *a: paged_step(model, params, pages, *a, impl="pallas", interpret=False),
+    step = jax.shard_map(lambda params, pages, *a: paged_step(model, {"params": params}, pages, *a, impl="pallas",
+                                                              interpret=False),
                          mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
     compiled = jax.jit(step, donate_argnums=(1,)).lower(
         params, pages, i32(TOKENS), i32(TOKENS), i32(TOKENS), i32(SEQS + 1, CFG.max_seq_len // PAGE_SIZE),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpustack.kernels import KernelShapeError, matmul, matmul_impl
+from tpustack.kernels import KernelShapeError, matmul, matmul_impl, pack_weight, packed_matmul
 from tpustack.kernels import matmul_cpu
 
 pytestmark = pytest.mark.skipif(matmul_cpu.unavailable() is not None, reason=str(matmul_cpu.unavailable()))
@@ -20,11 +20,12 @@ def _case(m, k, n, dtype, seed=0):
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 17, 35), (2, 64, 32), (5, 512, 1408), (8, 300, 100), (11, 129, 64),
-                                   (3, 1024, 50)])
+                                   (3, 1024, 50), (70, 300, 100), (530, 260, 97)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_native_matmul_matches_float64(m, k, n, dtype):
-    """Ragged column ends (N % 32), K split over threads (K >= 128) or not, more rows than one
-    pass takes (11 > 8), bf16 weights widened exactly."""
+    """Ragged column ends (N % 32), K split over threads (K >= 128) or not; past 8 rows the packed
+    GEMM: a ragged last tile (11, 70 rows), a ragged last panel (N % 48), more than one block of
+    k (K > 256) and of rows (530 > 512); bf16 weights widened exactly."""
     x, w, want = _case(m, k, n, dtype)
     got = np.asarray(jax.jit(matmul_cpu.matmul_cpu)(x, w))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
@@ -37,6 +38,31 @@ def test_a_rows_result_does_not_depend_on_the_batch():
     for i in range(5):
         alone = np.asarray(jax.jit(matmul_cpu.matmul_cpu)(x[i:i + 1], w))
         np.testing.assert_array_equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 17, 35), (5, 768, 768), (8, 300, 100), (37, 513, 2000), (530, 260, 97)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_matmul_matches_float64(m, k, n, dtype):
+    """Weights packed once ([ceil(N / 48), K, 48], the last panel zero-padded): every M through
+    one path; ragged tiles, panels and k blocks as above."""
+    x, w, want = _case(m, k, n, dtype, seed=3)
+    w_PKC = pack_weight(w)
+    assert w_PKC.shape == (-(-n // 48), k, 48) and w_PKC.dtype == w.dtype
+    got = np.asarray(jax.jit(packed_matmul, static_argnums=2)(x, w_PKC, n))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
+
+
+def test_packed_rows_do_not_depend_on_the_batch():
+    """A row's sums run over the same blocks in the same order for any M: one row alone equals
+    its row among 70 (tiles of 8 and a ragged one) bit for bit."""
+    x, w, _ = _case(70, 600, 200, "float32", seed=4)
+    w_PKC = pack_weight(w)
+    together = np.asarray(jax.jit(packed_matmul, static_argnums=2)(x, w_PKC, 200))
+    for i in (0, 9, 69):
+        alone = np.asarray(jax.jit(packed_matmul, static_argnums=2)(x[i:i + 1], w_PKC, 200))
+        np.testing.assert_array_equal(alone[0], together[i])
+    with pytest.raises(ValueError, match="not a packed"):
+        packed_matmul(x, w_PKC, 300)
 
 
 def test_auto_takes_the_native_kernel_for_one_to_eight_rows_on_cpu():

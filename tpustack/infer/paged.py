@@ -24,7 +24,6 @@ longest live context, whatever max_seq_len is. The shapes are the item counts, b
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -234,7 +233,7 @@ def pages_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype: str = "
     return 2 * cfg.num_layers * num_pages * page_size * cfg.num_kv_heads * cfg.heads_dim * jnp.dtype(dtype).itemsize
 
 
-def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, positions_T: jax.Array,
+def paged_step(model: Decoder, variables: dict, pages: tuple, tokens_T: jax.Array, positions_T: jax.Array,
                seq_T: jax.Array, tables_SM: jax.Array, last_S: jax.Array, sampling: dict[str, jax.Array],
                impl: str = "auto", interpret: bool | None = None, top_logprobs: int = 0,
                layout: dict | None = None) -> tuple[dict[str, jax.Array], tuple]:
@@ -246,11 +245,12 @@ def paged_step(model: Decoder, params: Any, pages: tuple, tokens_T: jax.Array, p
     `sampling` holds per-sequence temperature, top_k, top_p and seed [S]; the key of a
     sequence's token at position p is fold_in(key(seed), p), as in the decode loop, so a
     request samples the same tokens whatever shares its steps. With `layout` (XLA: see
-    `blocked_layout`) attention runs blocked and seq_T / tables_SM may be None.
+    `blocked_layout`) attention runs blocked and seq_T / tables_SM may be None. `variables`:
+    {"params": ...}, or `pack_for_cpu`'s (dense weights packed for the native CPU matmul).
     """
     table_TM = None if layout is not None else tables_SM[seq_T]
     caches = tuple(PagedLayerCache(k, v, table_TM, layout, impl, interpret) for k, v in pages)
-    logits_BSV, caches = model.apply({"params": params}, tokens_T[None], positions_T[None], cache=caches,
+    logits_BSV, caches = model.apply(variables, tokens_T[None], positions_T[None], cache=caches,
                                      select_BS=last_S[None])
     params_S = {"temperature": sampling["temperature"], "top_k": sampling["top_k"], "top_p": sampling["top_p"],
                 "key": jax.vmap(jax.random.key)(sampling["seed"])}

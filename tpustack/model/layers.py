@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tpustack.config import ModelConfig
-from tpustack.kernels import compat, decode_attention, flash_attention, matmul, paged_attention, paged_attention_impl
+from tpustack.kernels import (compat, decode_attention, flash_attention, matmul, pack_weight, packed_matmul,
+                              paged_attention, paged_attention_impl)
 from tpustack.model.fp8 import COLLECTION as FP8_COLLECTION
 from tpustack.model.fp8 import fp8_dense
 from tpustack.model.quant import quantized_dense
@@ -64,17 +65,28 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, impl: str = "xla") -> j
     return y.reshape(*lead, *out_shape)
 
 
+# Dense weights packed for the native CPU matmul (tpustack.model.transformer.pack_for_cpu): a
+# linear with a weight here uses it and never reads its param.
+PACKED_COLLECTION = "cpu_packed"
+
+
 def linear(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
            names: tuple[str, ...], cfg: ModelConfig, std: float | None = None) -> jax.Array:
     """x [..., *in] @ W[*in, *out]: a float parameter, or weight-only int8/int4 (model.weight_quant),
     plus a LoRA update when model.lora_rank > 0 and `name` is one of model.lora_targets."""
     flat_names = (names[0], names[len(in_shape)])  # [K, N]: the leading name of each side
-    if cfg.weight_quant == "none":
+    k, n = math.prod(in_shape), math.prod(out_shape)
+    if cfg.weight_quant == "none" and module.has_variable(PACKED_COLLECTION, name):
+        lead = x.shape[: x.ndim - len(in_shape)]
+        y = packed_matmul(x.reshape(-1, k), module.get_variable(PACKED_COLLECTION, name), n).reshape(*lead, *out_shape)
+    elif cfg.weight_quant == "none":
         w = param(module, name, (*in_shape, *out_shape), names, cfg, std=std)
         if module.has_variable(FP8_COLLECTION, name):  # train.precision=fp8: the train step passes the scales
             y = fp8_dense(module, name, x, w, contract=len(in_shape))
         else:
             y = dense(x, w, contract=len(in_shape), impl=cfg.decode_kernels)
+        if module.is_mutable_collection(PACKED_COLLECTION) and not module.is_initializing():  # pack_for_cpu's pass
+            module.put_variable(PACKED_COLLECTION, name, pack_weight(w.reshape(k, n)))
     else:
         y = quantized_dense(module, name, x, in_shape, out_shape, flat_names, cfg)
     if cfg.lora_rank and name in cfg.lora_targets.split(","):

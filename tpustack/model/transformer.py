@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
+from flax.core import unfreeze
 
 from tpustack.config import ModelConfig
-from tpustack.model.layers import MLP, Attention, RMSNorm, dense, linear, param, rope_tables
+from tpustack.model.layers import PACKED_COLLECTION, MLP, Attention, RMSNorm, dense, linear, param, rope_tables
 
 ACT_BTD = ("batch", "length", "act_embed")
 
@@ -173,3 +175,17 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
         weights_BT = jnp.ones_like(nll_BT)
     return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
 
+
+
+def pack_for_cpu(cfg: ModelConfig, params: dict) -> dict:
+    """Unrolled params -> the variables a decoding apply takes on CPU: every float dense weight
+    packed once for the native matmul (tpustack.kernels.pack_weight) under PACKED_COLLECTION, and
+    removed from "params" (it would only double the memory). One forward pass over a token,
+    with the packed collection mutable, lets each linear pack its own weight in its own layout."""
+    model = Decoder(dataclasses.replace(cfg, scan_layers=False, remat_policy="none"))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    _, packed = jax.jit(lambda p: model.apply({"params": p}, tokens, mutable=[PACKED_COLLECTION]))(params)
+    packed = unfreeze(packed)[PACKED_COLLECTION]
+    taken = set(traverse_util.flatten_dict(packed))
+    rest = {k: v for k, v in traverse_util.flatten_dict(params).items() if k not in taken}
+    return {"params": traverse_util.unflatten_dict(rest), PACKED_COLLECTION: packed}
