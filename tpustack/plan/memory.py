@@ -393,6 +393,17 @@ def _pipeline_views(table, b: _Bytes) -> float:
     return 0.0
 
 
+# A pipelined step on TPU: XLA's scheduler defers the LM head's weight-gradient matmul past the
+# backward tick loop, keeping the [B*T, V] logits through the loop instead of the gradient, once
+# that f32 gradient (per chip, as the ZeRO stage shards it) is larger than this. Seen deferred at
+# 206, 268 and 671 MB (fresh compiles p45b and p69b, sample #47: the logits live through the
+# loop); not at 33, 67 and 131 MB (fresh p21, r69d = p69b at d_model 512, r21d = p21 at d_model
+# 1024: the logits dead before it) nor at #33's 134,217,728 bytes (its estimate is 29% over
+# with the logits kept). Why the scheduler flips there is not known; the bound is the largest
+# seen not deferred.
+DEFERRED_HEAD_GRAD_BYTES = 128 * 2**20
+
+
 def _tpu_pipeline_peak(table, acts, copy: float, tick: float, b: _Bytes, chunk: int = 1) -> tuple[float, float]:
     """XLA TPU's peak bytes of a pipelined step beyond its arguments (train/pipeline.py), in its
     two candidate phases (the LM head's backward, the backward tick loop), read off the
@@ -414,7 +425,9 @@ def _tpu_pipeline_peak(table, acts, copy: float, tick: float, b: _Bytes, chunk: 
       the shards only after the loop: #34's f32 [14, 1, 1, ...] and #47's loop state), beside
       the head's gradient or, where smaller, the logits it is made from: the scheduler may
       defer the head's dW past the loop (#47 keeps its bf16 [4096, 32768] logits through the
-      loop and writes the f32 head gradient after it). The reduced gradients come after.
+      loop and writes the f32 head gradient after it), and does once that gradient is over
+      DEFERRED_HEAD_GRAD_BYTES, however large the logits (p45b: bf16 [4, 4096, 50257], 1.65 GB,
+      through the loop beside a 206 MB gradient). The reduced gradients come after.
       Under ZeRO-0 with more than one layer per tick (`chunk`), the loop holds that
       accumulator twice: the tick loop's [1, ..., L/(S V), ...] state and the inner layer
       scan's stacked [L/(S V), ...] gradients of the tick being differentiated, both f32 and
@@ -431,6 +444,8 @@ def _tpu_pipeline_peak(table, acts, copy: float, tick: float, b: _Bytes, chunk: 
     weights = acts.saved + acts.pipeline + _pipeline_views(table, b) + copy
     head_phase = weights + acts.head + b.tree(head, b.compute, zero_sharded=False)
     head_grad = min(b.tree(head, b.master, zero_sharded=b.stage >= 2), acts.head)
+    if b.tree(head, 4, zero_sharded=b.stage >= 2) > DEFERRED_HEAD_GRAD_BYTES:  # dW after the loop
+        head_grad = acts.head
     grad_sets = 2 if b.stage == 0 and chunk > 1 else 1
     # `tick`: with remat none and more than one layer per stage, each backward tick copies its
     # residuals of every layer of the stage out of the [ticks, ...] stacks for the inner
