@@ -127,7 +127,7 @@ void block(const float* x, int64_t K, int64_t M, int64_t ka, int64_t kz, const T
 // a term, blocks of kDepth added in order: its result does not depend on M.
 constexpr int64_t kTileRows = 8;         // rows of x per microkernel (24 of 32 vector registers)
 constexpr int64_t kPanelCols = 48;       // columns per packed panel: 3 vectors
-constexpr int64_t kDepth = 256;          // rows of w per packed block: 48 KB, L1
+constexpr int64_t kDepth = 128;          // rows of w per packed block: 24 KB, half of L1
 constexpr int64_t kBlockRows = 512;      // rows of x per pass over a panel: 512 x kDepth x 4 B in L2
 constexpr int64_t kPanelsPerItem = 8;    // most panels a thread takes at once
 
@@ -248,9 +248,10 @@ void gemm_panels(const float* x, int64_t M, int64_t K, const T* w, int64_t N, fl
 // for every M: each tile of up to 8 rows streams a panel's blocks in k order, so a row's result
 // does not depend on M at all (1 row or 1000).
 template <typename T>
-void packed_panels(const float* x, int64_t M, int64_t K, const T* wp, int64_t N, float* out, int64_t p0, int64_t p1) {
-  for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
-    const int64_t mb = std::min(kBlockRows, M - m0);
+void packed_panels(const float* x, int64_t M, int64_t K, const T* wp, int64_t N, float* out, int64_t p0, int64_t p1,
+                   int64_t rows0, int64_t rows1) {
+  for (int64_t m0 = rows0; m0 < rows1; m0 += kBlockRows) {
+    const int64_t mb = std::min(kBlockRows, rows1 - m0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, N - n0);
       const T* panel = wp + p * K * kPanelCols;
@@ -270,21 +271,24 @@ template <typename T>
 void packed_matmul(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T* wp, int64_t N, float* out) {
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-  // about 4 runs of panels a thread; with few rows a run is also >= 256 KB of weights (a hand-off ~10 us)
-  int64_t per = std::clamp<int64_t>(panels / (4 * threads), 1, kPanelsPerItem);
+  // about 8 runs of panels a thread (9 items on 2 threads left one idle for a ninth of the
+  // time); with few rows a run is also >= 256 KB of weights (a hand-off costs ~10 us); past
+  // kBlockRows rows, each block of rows is items of its own
+  int64_t per = std::clamp<int64_t>(panels / (8 * threads), 1, kPanelsPerItem);
   if (M <= kStreamRows) per = std::max(per, std::min(panels, (kMinPartBytes / static_cast<int64_t>(sizeof(T))) / (K * kPanelCols) + 1));
-  const int64_t items = (panels + per - 1) / per;
-  parallel(pool, items, threads - 1, [=](int64_t i) {
-    packed_panels(x, M, K, wp, N, out, i * per, std::min(panels, (i + 1) * per));
+  const int64_t runs = (panels + per - 1) / per, row_blocks = (M + kBlockRows - 1) / kBlockRows;
+  parallel(pool, runs * row_blocks, threads - 1, [=](int64_t i) {
+    const int64_t run = i % runs, rows0 = i / runs * kBlockRows;
+    packed_panels(x, M, K, wp, N, out, run * per, std::min(panels, (run + 1) * per), rows0, std::min(M, rows0 + kBlockRows));
   });
 }
 
 template <typename T>
 void matmul(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* out) {
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);  // the caller and num_threads - 1 helpers
-  if (M > kStreamRows) {  // compute-bound: runs of panels, any thread any run (about 4 runs a thread)
+  if (M > kStreamRows) {  // compute-bound: runs of panels, any thread any run (about 8 runs a thread)
     const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-    const int64_t per = std::clamp<int64_t>(panels / (4 * threads), 1, kPanelsPerItem);
+    const int64_t per = std::clamp<int64_t>(panels / (8 * threads), 1, kPanelsPerItem);
     parallel(pool, (panels + per - 1) / per, threads - 1, [=](int64_t i) {
       gemm_panels(x, M, K, w, N, out, i * per, std::min(panels, (i + 1) * per));
     });
