@@ -35,6 +35,13 @@ inline v16 load16(const uint16_t* p) {  // bfloat16: the high half of an f32
   std::memcpy(&v, &w, sizeof(v));
   return v;
 }
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) {  // bfloat16
+  uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 inline v16 splat(float x) { return v16{} + x; }
 

@@ -38,13 +38,6 @@ constexpr int64_t kRowsPerPass = 16;          // rows of w streamed together
 constexpr int64_t kMinPartRows = 64;          // rows of w worth a thread
 constexpr int64_t kMinPartBytes = 256 << 10;  // bytes of w worth a thread (a hand-off costs ~10 us)
 
-inline float load1(const float* p) { return *p; }
-inline float load1(const uint16_t* p) {
-  uint32_t u = static_cast<uint32_t>(*p) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
 
 // One pass: rows k0 .. k0 + kb of w, columns [c0, c1), folded into MR rows of out (N apart;
 // x's rows ldx apart). `first` starts the sums; `ahead` > 0 prefetches that many rows of the

@@ -195,6 +195,169 @@ ffi::Error paged_attention_cpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   return ffi::Error::Success();
 }
 
+// ---- Query tiles: a prefill chunk's attention over its sequence's pages ----
+//
+// Tile x holds up to Q consecutive query tokens of one sequence (positions pos[x, :], -1 for
+// padding, which gets zeros); each sees the keys at positions 0 .. its own (causal) through the
+// row's block table table[x, :]. A work item is (tile, kv head): its G query heads times Q tokens
+// share every key block. Per block of 16 keys the keys are transposed to [H][16], so one query's
+// 16 scores are H multiply-adds of a broadcast query element by a 16-key vector (no horizontal
+// sums), 8 queries at once to hide the FMA latency; then the running softmax and the V rows.
+struct TileShape {
+  int64_t X, Q, N, H, P, L, K, M;
+  float scale;
+};
+
+// s[i] = sum_h q[i][h] * kt[h][:] for RB queries H apart.
+template <int RB>
+inline void block_scores(const float* q, int64_t H, const float* kt, v16* s) {
+  v16 acc[RB];
+  for (int i = 0; i < RB; ++i) acc[i] = v16{};
+  for (int64_t h = 0; h < H; ++h) {
+    const v16 k = load16(kt + h * kLanes);
+    for (int i = 0; i < RB; ++i) acc[i] += q[i * H + h] * k;
+  }
+  for (int i = 0; i < RB; ++i) s[i] = acc[i];
+}
+
+constexpr int64_t kMaxHead = 512;  // head_dim limit of the tile kernel (the wrapper checks)
+
+inline float hsum(v16 v) {
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += v[i];
+  return total;
+}
+
+// o[i] = o[i] * rescale[i] + sum_t w[i][t] v_slot[t] for QB query rows H apart; kC = H / 16 when
+// the accumulators fit in registers (QB x kC <= 16), 0 for any H (one query at a time).
+template <int QB, int kC, typename T>
+inline void weigh_values(float* o, const float* rescale, const float* w, const T* const* v_slot, int64_t H) {
+  const int64_t C = kC ? kC : H / kLanes;
+  if (kC == 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      v16 acc = load16(o + c * kLanes) * rescale[0];
+      for (int64_t t = 0; t < kLanes; ++t) acc += w[t] * load16(v_slot[t] + c * kLanes);
+      store16(o + c * kLanes, acc);
+    }
+    return;
+  }
+  v16 acc[QB][kC ? kC : 1];
+  for (int i = 0; i < QB; ++i)
+    for (int64_t c = 0; c < kC; ++c) acc[i][c] = load16(o + i * H + c * kLanes) * rescale[i];
+  for (int64_t t = 0; t < kLanes; ++t) {
+    v16 v[kC ? kC : 1];
+    for (int64_t c = 0; c < kC; ++c) v[c] = load16(v_slot[t] + c * kLanes);
+    for (int i = 0; i < QB; ++i)
+      for (int64_t c = 0; c < kC; ++c) acc[i][c] += w[i * kLanes + t] * v[c];
+  }
+  for (int i = 0; i < QB; ++i)
+    for (int64_t c = 0; c < kC; ++c) store16(o + i * H + c * kLanes, acc[i][c]);
+}
+
+template <typename T>
+void tile_item(const TileShape& d, const float* q, const T* k_pages, const T* v_pages, const int32_t* table,
+               const int32_t* pos, float* out, int64_t x, int64_t kh, std::vector<float>& scratch) {
+  const int64_t Q = d.Q, N = d.N, G = d.N / d.K, H = d.H, L = d.L, R = Q * G, C = H / kLanes;
+  const int32_t* pos_q = pos + x * Q;
+  int64_t top = -1;
+  for (int64_t i = 0; i < Q; ++i) top = std::max<int64_t>(top, pos_q[i]);
+  for (int64_t i = 0; i < Q; ++i)  // this kv head's G heads of every token, zero until written
+    std::fill(out + ((x * Q + i) * N + kh * G) * H, out + ((x * Q + i) * N + kh * G + G) * H, 0.0f);
+  const int64_t len = std::min<int64_t>(top + 1, d.M * L);
+  if (len <= 0) return;
+  scratch.resize(2 * R * H + 2 * R + H * kLanes);
+  float* qs = scratch.data();  // [R, H] scaled queries, row r = token r / G, head kh * G + r % G
+  float* o = qs + R * H;       // [R, H] unnormalised outputs
+  float* m = o + R * H;        // [R] running max
+  float* l = m + R;            // [R] running sum
+  float* kt = l + R;           // [H, 16] the block's keys, transposed
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = q + ((x * Q + r / G) * N + kh * G + r % G) * H;
+    for (int64_t h = 0; h < H; ++h) qs[r * H + h] = src[h] * d.scale;
+  }
+  std::fill(o, o + R * H, 0.0f);
+  std::fill(m, m + R, -INFINITY);
+  std::fill(l, l + R, 0.0f);
+  const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  static const T zeros[kMaxHead] = {};  // the V row of a slot past the end or on a bad page
+  const T* v_slot[kLanes];
+  v16 s[8];
+  alignas(64) float w[8 * kLanes];  // the block's softmax weights of 8 queries
+  float rescale[8];
+  for (int64_t start = 0; start < len; start += kLanes) {
+    const int64_t n_valid = std::min<int64_t>(kLanes, len - start);
+    for (int64_t t = 0; t < kLanes; ++t) {
+      const int64_t p = start + t, page = t < n_valid ? table[x * d.M + p / L] : -1;
+      const bool ok = page >= 0 && page < d.P;  // never reads outside the pool
+      const T* k = k_pages + ((std::clamp<int64_t>(page, 0, d.P - 1) * L + p % L) * d.K + kh) * H;
+      for (int64_t h = 0; h < H; ++h) kt[h * kLanes + t] = ok ? load1(k + h) : 0.0f;
+      v_slot[t] = ok ? v_pages + (k - k_pages) : zeros;
+    }
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {
+      const int64_t rb = std::min<int64_t>(8, R - r0);
+      if (rb == 8) block_scores<8>(qs + r0 * H, H, kt, s);
+      else for (int64_t i = 0; i < rb; ++i) block_scores<1>(qs + (r0 + i) * H, H, kt, s + i);
+      for (int64_t i = 0; i < rb; ++i) {  // running softmax of each query over this block
+        const int64_t r = r0 + i, seen = std::min(pos_q[r / G] - start + 1, n_valid);  // keys it sees
+        const v16 valid = lane < static_cast<float>(seen) ? splat(1.0f) : splat(0.0f);
+        const float new_m = seen > 0 ? std::max(m[r], hmax(valid > 0.0f ? s[i] : splat(-INFINITY))) : m[r];
+        const v16 wi = seen > 0 ? exp_nonpositive(s[i] - new_m) * valid : v16{};
+        rescale[i] = seen > 0 ? std::exp(m[r] - new_m) : 1.0f;
+        l[r] = l[r] * rescale[i] + hsum(wi);
+        m[r] = new_m;
+        store16(w + i * kLanes, wi);
+      }
+      if (C == 4) {  // o += w V, 4 queries at once: each V row is loaded once for them
+        int64_t i = 0;
+        for (; i + 4 <= rb; i += 4) weigh_values<4, 4>(o + (r0 + i) * H, rescale + i, w + i * kLanes, v_slot, H);
+        for (; i < rb; ++i) weigh_values<1, 4>(o + (r0 + i) * H, rescale + i, w + i * kLanes, v_slot, H);
+      } else {
+        for (int64_t i = 0; i < rb; ++i) weigh_values<1, 0>(o + (r0 + i) * H, rescale + i, w + i * kLanes, v_slot, H);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    if (pos_q[r / G] < 0) continue;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    float* dst = out + ((x * Q + r / G) * N + kh * G + r % G) * H;
+    for (int64_t h = 0; h < H; ++h) dst[h] = o[r * H + h] * inv;
+  }
+}
+
+ffi::Error tile_attention_cpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
+                              ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> pos,
+                              ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions(), kd = k_pages.dimensions(), td = table.dimensions(), pd = pos.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("tile_attention_cpu: want q [X, Q, N, H], pages [P, L, K, H], table [X, M], pos [X, Q]");
+  TileShape d{qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[2], td[1], scale};
+  if (kd[3] != d.H || d.H % kLanes != 0 || d.H > kMaxHead || d.N % d.K != 0 || td[0] != d.X || pd[0] != d.X || pd[1] != d.Q ||
+      k_pages.element_type() != v_pages.element_type() || v_pages.element_count() != k_pages.element_count())
+    return ffi::Error::InvalidArgument("tile_attention_cpu: inconsistent shapes");
+  const float* qp = q.typed_data();
+  const int32_t *tp = table.typed_data(), *pp = pos.typed_data();
+  float* op = out->typed_data();
+  auto run = [&](auto* k, auto* v) {
+    // later tiles see more keys: hand them out first so the last items are short ones
+    parallel(pool, d.X * d.K, d.X * d.K, [=, &d](int64_t i) {
+      thread_local std::vector<float> scratch;
+      const int64_t item = d.X * d.K - 1 - i;
+      tile_item(d, qp, k, v, tp, pp, op, item / d.K, item % d.K, scratch);
+    });
+  };
+  switch (k_pages.element_type()) {
+    case ffi::F32:
+      run(k_pages.typed_data<float>(), v_pages.typed_data<float>());
+      break;
+    case ffi::BF16:
+      run(reinterpret_cast<const uint16_t*>(k_pages.untyped_data()), reinterpret_cast<const uint16_t*>(v_pages.untyped_data()));
+      break;
+    default:
+      return ffi::Error::InvalidArgument("tile_attention_cpu: pages must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
 // f32 -> bf16, rounding to nearest even, NaN kept quiet: what XLA's convert does.
 inline uint16_t to_bf16(float x) {
   uint32_t bits;
@@ -244,14 +407,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TpustackWriteSlotsCpu, write_slots_cpu,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>());
 
+// Both attention calls: (pool; q, k pages, v pages, table, lengths or positions) -> out, scale.
+static auto attention_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<float>("scale");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TpustackPagedAttentionCpu, paged_attention_cpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<float>("soft_cap"));
+                              attention_binding().Attr<float>("soft_cap"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TpustackTileAttentionCpu, tile_attention_cpu, attention_binding());

@@ -22,13 +22,15 @@ from . import _native
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cc")
 _TARGET = "tpustack_paged_attention_cpu"
 _WRITE_TARGET = "tpustack_write_slots_cpu"
+_TILE_TARGET = "tpustack_tile_attention_cpu"
 PAGE_DTYPES = ("float32", "bfloat16")
 
 
 @functools.lru_cache(maxsize=None)
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
     """(the loaded library, None) or (None, why not)."""
-    return _native.load(_SOURCE, {_TARGET: "TpustackPagedAttentionCpu", _WRITE_TARGET: "TpustackWriteSlotsCpu"})
+    return _native.load(_SOURCE, {_TARGET: "TpustackPagedAttentionCpu", _WRITE_TARGET: "TpustackWriteSlotsCpu",
+                                  _TILE_TARGET: "TpustackTileAttentionCpu"})
 
 
 def unavailable(page_dtype=None, head_dim: int = 16, quantized: bool = False) -> str | None:
@@ -52,6 +54,19 @@ def paged_attention_cpu(q_SNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH:
     return call(q_SNH.astype(jnp.float32), k_pages_PLKH, v_pages_PLKH,  # one dtype: the kernel checks
                 table_SM.astype(jnp.int32), lengths_S.astype(jnp.int32),
                 scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0))
+
+
+def tile_attention_cpu(q_XQNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH: jax.Array, table_XM: jax.Array,
+                       pos_XQ: jax.Array, sm_scale: float) -> jax.Array:
+    """Causal attention of query tiles (a prefill chunk): tile x's token i at position pos[x, i]
+    (-1: padding, zeros out) over its sequence's keys 0..pos[x, i], read in place from the pages
+    through table[x]; [X, Q, N, H] f32."""
+    reason = unavailable(k_pages_PLKH.dtype, k_pages_PLKH.shape[3])
+    if reason:
+        raise RuntimeError(f"tile attention (cpu): {reason}")
+    call = jax.ffi.ffi_call(_TILE_TARGET, jax.ShapeDtypeStruct(q_XQNH.shape, jnp.float32), vmap_method="sequential")
+    return call(q_XQNH.astype(jnp.float32), k_pages_PLKH, v_pages_PLKH, table_XM.astype(jnp.int32),
+                pos_XQ.astype(jnp.int32), scale=np.float32(sm_scale))
 
 
 def write_slots_cpu(pages_PLKH: jax.Array, page_T: jax.Array, slot_T: jax.Array, rows_TKH: jax.Array) -> jax.Array:

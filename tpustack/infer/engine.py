@@ -315,7 +315,7 @@ class Engine:
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         if self.blocked:  # the layout replaces seq and tables
             layout = blocked_layout(rows, t, s, self.ecfg.page_size, self.ecfg.kv_block, self.ecfg.query_tile,
-                                    self.cfg.max_seq_len, native_decode=self.attention == "cpu")
+                                    self.cfg.max_seq_len, native=self.attention == "cpu")
             return tokens, positions, None, None, last, sampling, layout
         if self.draft_cfg is None:
             return tokens, positions, seq, tables, last, sampling, None

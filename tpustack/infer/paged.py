@@ -34,7 +34,7 @@ from tpustack.config import ModelConfig
 from tpustack.infer.sampling import sample_tokens
 from tpustack.infer.speculative import accept, propose
 from tpustack.kernels import paged_attention, paged_attention_impl
-from tpustack.kernels.paged_attention_cpu import write_slots_cpu
+from tpustack.kernels.paged_attention_cpu import tile_attention_cpu, write_slots_cpu
 from tpustack.kernels.compat import MASK_VALUE
 from tpustack.model.transformer import Decoder
 
@@ -131,7 +131,8 @@ def _items_attention(q_XQNH, pos_XQ, k_PLKH, v_PLKH, item_x, item_pages, item_st
 def blocked_attention(q_TNH: jax.Array, k_PLKH: jax.Array, v_PLKH: jax.Array, layout: dict) -> jax.Array:
     """The step's attention on XLA from a `blocked_layout`: one-token rows and query tiles, each
     over its sequence's page blocks; [T, N, H] (tokens in neither group, padding, get zeros).
-    A layout with a_table (native_decode) hands the one-token rows to the native CPU kernel.
+    A native layout (a_table, b_table) hands the one-token rows and the query tiles to the
+    native CPU kernels, which read the pages in place.
     A group with no work is skipped on device (lax.cond): gathering the queries of a step's
     34 empty tiles cost ~4 ms a layer in a pure decode step."""
     T, N, H = q_TNH.shape
@@ -142,6 +143,8 @@ def blocked_attention(q_TNH: jax.Array, k_PLKH: jax.Array, v_PLKH: jax.Array, la
         if g == "a" and "a_table" in layout:
             o_XQNH = paged_attention(q_XQNH[:, 0], k_PLKH, v_PLKH, layout["a_table"], layout["a_len"],
                                      impl="cpu")[:, None]
+        elif g == "b" and "b_table" in layout:
+            o_XQNH = tile_attention_cpu(q_XQNH, k_PLKH, v_PLKH, layout["b_table"], layout["b_pos"], H ** -0.5)
         else:
             o_XQNH = _items_attention(q_XQNH, layout[f"{g}_pos"], k_PLKH, v_PLKH, layout[f"{g}_item"],
                                       layout[f"{g}_pages"], layout[f"{g}_start"], layout[f"{g}_count"])
@@ -149,7 +152,8 @@ def blocked_attention(q_TNH: jax.Array, k_PLKH: jax.Array, v_PLKH: jax.Array, la
 
     out_TNH = jnp.zeros((T, N, H), jnp.float32)
     for g in ("a", "b"):
-        live = jnp.any(layout["a_len"] > 0) if g == "a" and "a_table" in layout else layout[f"{g}_count"] > 0
+        live = (jnp.any(layout["a_len"] > 0) if g == "a" and "a_table" in layout else
+                jnp.any(layout["b_pos"] >= 0) if g == "b" and "b_table" in layout else layout[f"{g}_count"] > 0)
         out_TNH = jax.lax.cond(live, lambda o, g=g: group(g, o), lambda o: o, out_TNH)
     return out_TNH
 
@@ -161,7 +165,7 @@ def item_chunk(groups: int, queries: int) -> int:
 
 def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seqs: int, page_size: int,
                    kv_block: int, query_tile: int, context: int, null_page: int = 0,
-                   native_decode: bool = False) -> dict[str, np.ndarray]:
+                   native: bool = False) -> dict[str, np.ndarray]:
     """The blocked attention layout of a step (host side, numpy).
 
     rows: per sequence row, (first step slot, tokens fed, position of the first, block table).
@@ -170,9 +174,10 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
     kv_block tokens each query group sees, in chunks of `item_chunk`; the arrays hold room for
     every group at the full `context` (so a shape is just (tokens, seqs)), padded with the
     out-of-range group id, and {a,b}_count says how many chunks are live. page_T: the page each
-    step slot writes (padding: the null page). With native_decode, group a is instead each row's
-    block table a_table [seqs, context / page_size] and key count a_len [seqs] (0: not a
-    one-token row), for the native CPU kernel, which streams pages in place.
+    step slot writes (padding: the null page). With `native` there are no work items: group a
+    is each row's block table a_table [seqs, context / page_size] and key count a_len [seqs]
+    (0: not a one-token row), group b each tile's row's block table b_table [tiles, context /
+    page_size] beside b_pos, for the native CPU kernels, which read the pages in place.
     """
     bp = max(kv_block // page_size, 1)  # pages per block
     span = bp * page_size
@@ -181,8 +186,9 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
     a_tok, a_pos = np.full((seqs, 1), tokens, np.int32), np.full((seqs, 1), -1, np.int32)
     b_tok, b_pos = np.full((tiles, query_tile), tokens, np.int32), np.full((tiles, query_tile), -1, np.int32)
     items: dict[str, list] = {"a": [], "b": []}
-    if native_decode:
+    if native:
         a_table = np.full((seqs, math.ceil(context / page_size)), null_page, np.int32)
+        b_table = np.full((tiles, math.ceil(context / page_size)), null_page, np.int32)
         a_len = np.zeros(seqs, np.int32)
     g = 0
     for r, (at, n, p0, table) in enumerate(rows):
@@ -191,7 +197,7 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
         page_T[at:at + n] = padded[pos // page_size]
         if n == 1:
             a_tok[r], a_pos[r] = at, p0
-            if native_decode:
+            if native:
                 a_table[r, :len(table)], a_len[r] = table, p0 + 1
                 continue
             items["a"] += [(r, padded[b * bp:(b + 1) * bp], b * span) for b in range(p0 // span + 1)]
@@ -199,14 +205,17 @@ def blocked_layout(rows: list[tuple[int, int, int, list[int]]], tokens: int, seq
         for j in range(0, n, query_tile):
             m = min(query_tile, n - j)
             b_tok[g, :m], b_pos[g, :m] = np.arange(at + j, at + j + m), pos[j:j + m]
-            items["b"] += [(g, padded[b * bp:(b + 1) * bp], b * span) for b in range(pos[j + m - 1] // span + 1)]
+            if native:
+                b_table[g, :len(table)] = table
+            else:
+                items["b"] += [(g, padded[b * bp:(b + 1) * bp], b * span) for b in range(pos[j + m - 1] // span + 1)]
             g += 1
     out = {"page_T": page_T, "a_tok": a_tok, "a_pos": a_pos, "b_tok": b_tok, "b_pos": b_pos}
-    if native_decode:
-        out["a_table"], out["a_len"] = a_table, a_len
+    if native:  # no work items: the kernels read each row's block table
+        out["a_table"], out["a_len"], out["b_table"] = a_table, a_len, b_table
+        return out
     blocks = math.ceil(context / span)
-    for name, groups, queries in ((("b", tiles, query_tile),) if native_decode else
-                                  (("a", seqs, 1), ("b", tiles, query_tile))):
+    for name, groups, queries in (("a", seqs, 1), ("b", tiles, query_tile)):
         chunk = item_chunk(groups, queries)
         cap = math.ceil(groups * blocks / chunk) * chunk
         x, pages, start = np.full(cap, groups, np.int32), np.full((cap, bp), null_page, np.int32), np.zeros(cap, np.int32)
