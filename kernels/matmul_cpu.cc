@@ -139,6 +139,8 @@ inline void tile(const float* a, int64_t lda, const T* bp, int64_t kc, float* c,
   v16 acc[MR][3];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 3; ++j) acc[m][j] = first ? v16{} : load16(c + m * ldc + kLanes * j);
+  // two k steps a loop: +10-15% at 512-1024 rows (a C++ harness, hot weights, 2 threads)
+#pragma GCC unroll 2
   for (int64_t k = 0; k < kc; ++k) {
     const T* b = bp + k * kPanelCols;
     const v16 b0 = load16(b), b1 = load16(b + kLanes), b2 = load16(b + 2 * kLanes);
