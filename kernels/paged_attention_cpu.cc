@@ -32,10 +32,22 @@ struct Shape {
   float scale, soft_cap;
 };
 
+// Max and sum of 16 lanes as a tree of 4 shuffles (a scalar loop is a 15-step dependency
+// chain, ~60 cycles, paid per query per block of keys).
+inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
 inline float hmax(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
+  v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+inline float hsum(v16 v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
 }
 
 // The lane sums of 16 vectors, as one vector: out[t] = sum(a[t]). Four levels of "add the
@@ -133,9 +145,7 @@ void attend_item(const Shape& d, const float* q, const T* k_pages, const T* v_pa
       const float new_m = std::max(m[n], hmax(score));
       const float rescale = std::exp(m[n] - new_m);  // exp(-inf) = 0 on the first block
       const v16 w = exp_nonpositive(score - new_m) * valid;
-      float sum = 0.0f;
-      for (int i = 0; i < kLanes; ++i) sum += w[i];
-      l[n] = l[n] * rescale + sum;
+      l[n] = l[n] * rescale + hsum(w);
       m[n] = new_m;
       float* on = o + n * H;
       for (int64_t c = 0; c < C; ++c) {
@@ -221,12 +231,6 @@ inline void block_scores(const float* q, int64_t H, const float* kt, v16* s) {
 }
 
 constexpr int64_t kMaxHead = 512;  // head_dim limit of the tile kernel (the wrapper checks)
-
-inline float hsum(v16 v) {
-  float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += v[i];
-  return total;
-}
 
 // o[i] = o[i] * rescale[i] + sum_t w[i][t] v_slot[t] for QB query rows H apart; kC = H / 16 when
 // the accumulators fit in registers (QB x kC <= 16), 0 for any H (one query at a time).
