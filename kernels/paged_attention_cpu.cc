@@ -207,16 +207,17 @@ ffi::Error paged_attention_cpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 
 // ---- Query tiles: a prefill chunk's attention over its sequence's pages ----
 //
-// Tile x holds up to Q consecutive query tokens of one sequence (positions pos[x, :], -1 for
-// padding, which gets zeros); each sees the keys at positions 0 .. its own (causal) through the
-// row's block table table[x, :]. A work item is (tile, kv head): its G query heads times Q tokens
+// Tile x holds up to Q consecutive query tokens of one sequence: the step's tokens tok[x, :]
+// (rows of q and out [T, N, H]) at positions pos[x, :] (-1: padding); each sees the keys at
+// positions 0 .. its own (causal) through the row's block table table[x, :]. Rows of out no tile
+// writes are zeros. A work item is (tile, kv head): its G query heads times Q tokens
 // share every key block. Per block of 32 keys the keys are transposed to [H][32], so one query's
 // 32 scores are H multiply-adds of a broadcast query element by two 16-key vectors (no
 // horizontal sums), 8 queries at once to hide the FMA latency; then the running softmax (its
 // per-block max, exp and sum paid once per 32 keys: 16-key blocks ran at 99 GFLOP/s, 32 at
 // 148 on a 1024-token prefill's layer) and the V rows, each loaded once for 4 queries.
 struct TileShape {
-  int64_t X, Q, N, H, P, L, K, M;
+  int64_t T, X, Q, N, H, P, L, K, M;
   float scale;
 };
 
@@ -267,13 +268,13 @@ inline void weigh_values(float* o, const float* rescale, const float* w, const T
 
 template <typename T>
 void tile_item(const TileShape& d, const float* q, const T* k_pages, const T* v_pages, const int32_t* table,
-               const int32_t* pos, float* out, int64_t x, int64_t kh, std::vector<float>& scratch) {
+               const int32_t* pos, const int32_t* tok, float* out, int64_t x, int64_t kh, std::vector<float>& scratch) {
   const int64_t Q = d.Q, N = d.N, G = d.N / d.K, H = d.H, L = d.L, R = Q * G, C = H / kLanes;
   const int32_t* pos_q = pos + x * Q;
+  const int32_t* tok_q = tok + x * Q;
   int64_t top = -1;
-  for (int64_t i = 0; i < Q; ++i) top = std::max<int64_t>(top, pos_q[i]);
-  for (int64_t i = 0; i < Q; ++i)  // this kv head's G heads of every token, zero until written
-    std::fill(out + ((x * Q + i) * N + kh * G) * H, out + ((x * Q + i) * N + kh * G + G) * H, 0.0f);
+  for (int64_t i = 0; i < Q; ++i)
+    if (tok_q[i] >= 0 && tok_q[i] < d.T) top = std::max<int64_t>(top, pos_q[i]);  // a token outside q: padding
   const int64_t len = std::min<int64_t>(top + 1, d.M * L);
   if (len <= 0) return;
   scratch.resize(2 * R * H + 2 * R + H * kKeys);
@@ -283,7 +284,8 @@ void tile_item(const TileShape& d, const float* q, const T* k_pages, const T* v_
   float* l = m + R;            // [R] running sum
   float* kt = l + R;           // [H, 32] the block's keys, transposed
   for (int64_t r = 0; r < R; ++r) {
-    const float* src = q + ((x * Q + r / G) * N + kh * G + r % G) * H;
+    const int64_t t = std::clamp<int64_t>(tok_q[r / G], 0, d.T - 1);
+    const float* src = q + (t * N + kh * G + r % G) * H;
     for (int64_t h = 0; h < H; ++h) qs[r * H + h] = src[h] * d.scale;
   }
   std::fill(o, o + R * H, 0.0f);
@@ -332,32 +334,34 @@ void tile_item(const TileShape& d, const float* q, const T* k_pages, const T* v_
     }
   }
   for (int64_t r = 0; r < R; ++r) {
-    if (pos_q[r / G] < 0) continue;
+    if (pos_q[r / G] < 0 || tok_q[r / G] < 0 || tok_q[r / G] >= d.T) continue;
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    float* dst = out + ((x * Q + r / G) * N + kh * G + r % G) * H;
+    float* dst = out + (tok_q[r / G] * N + kh * G + r % G) * H;
     for (int64_t h = 0; h < H; ++h) dst[h] = o[r * H + h] * inv;
   }
 }
 
 ffi::Error tile_attention_cpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
                               ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> pos,
-                              ffi::ResultBuffer<ffi::F32> out, float scale) {
+                              ffi::Buffer<ffi::S32> tok, ffi::ResultBuffer<ffi::F32> out, float scale) {
   auto qd = q.dimensions(), kd = k_pages.dimensions(), td = table.dimensions(), pd = pos.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || pd.size() != 2)
-    return ffi::Error::InvalidArgument("tile_attention_cpu: want q [X, Q, N, H], pages [P, L, K, H], table [X, M], pos [X, Q]");
-  TileShape d{qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[2], td[1], scale};
-  if (kd[3] != d.H || d.H % kLanes != 0 || d.H > kMaxHead || d.N % d.K != 0 || td[0] != d.X || pd[0] != d.X || pd[1] != d.Q ||
-      k_pages.element_type() != v_pages.element_type() || v_pages.element_count() != k_pages.element_count())
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("tile_attention_cpu: want q [T, N, H], pages [P, L, K, H], table [X, M], pos and tok [X, Q]");
+  TileShape d{qd[0], pd[0], pd[1], qd[1], qd[2], kd[0], kd[1], kd[2], td[1], scale};
+  if (kd[3] != d.H || d.H % kLanes != 0 || d.H > kMaxHead || d.N % d.K != 0 || td[0] != d.X ||
+      tok.element_count() != d.X * d.Q || k_pages.element_type() != v_pages.element_type() ||
+      v_pages.element_count() != k_pages.element_count())
     return ffi::Error::InvalidArgument("tile_attention_cpu: inconsistent shapes");
   const float* qp = q.typed_data();
-  const int32_t *tp = table.typed_data(), *pp = pos.typed_data();
+  const int32_t *tp = table.typed_data(), *pp = pos.typed_data(), *kp = tok.typed_data();
   float* op = out->typed_data();
+  std::fill(op, op + d.T * d.N * d.H, 0.0f);  // rows no tile writes
   auto run = [&](auto* k, auto* v) {
     // later tiles see more keys: hand them out first so the last items are short ones
     parallel(pool, d.X * d.K, d.X * d.K, [=, &d](int64_t i) {
       thread_local std::vector<float> scratch;
       const int64_t item = d.X * d.K - 1 - i;
-      tile_item(d, qp, k, v, tp, pp, op, item / d.K, item % d.K, scratch);
+      tile_item(d, qp, k, v, tp, pp, kp, op, item / d.K, item % d.K, scratch);
     });
   };
   switch (k_pages.element_type()) {
@@ -422,20 +426,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TpustackWriteSlotsCpu, write_slots_cpu,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>());
 
-// Both attention calls: (pool; q, k pages, v pages, table, lengths or positions) -> out, scale.
-static auto attention_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
-      .Attr<float>("scale");
-}
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TpustackPagedAttentionCpu, paged_attention_cpu,
-                              attention_binding().Attr<float>("soft_cap"));
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [S, N, H]
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // table [S, M]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths [S]
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("soft_cap"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TpustackTileAttentionCpu, tile_attention_cpu, attention_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TpustackTileAttentionCpu, tile_attention_cpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [T, N, H]
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // table [X, M]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos [X, Q]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tok [X, Q]
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

@@ -56,17 +56,18 @@ def paged_attention_cpu(q_SNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH:
                 scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0))
 
 
-def tile_attention_cpu(q_XQNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH: jax.Array, table_XM: jax.Array,
-                       pos_XQ: jax.Array, sm_scale: float) -> jax.Array:
-    """Causal attention of query tiles (a prefill chunk): tile x's token i at position pos[x, i]
-    (-1: padding, zeros out) over its sequence's keys 0..pos[x, i], read in place from the pages
-    through table[x]; [X, Q, N, H] f32."""
+def tile_attention_cpu(q_TNH: jax.Array, k_pages_PLKH: jax.Array, v_pages_PLKH: jax.Array, table_XM: jax.Array,
+                       pos_XQ: jax.Array, tok_XQ: jax.Array, sm_scale: float) -> jax.Array:
+    """Causal attention of query tiles (a prefill chunk) straight from and into the step's rows:
+    tile x's token i is row tok[x, i] of q (outside [0, T): padding) at position pos[x, i] (-1:
+    padding), over its sequence's keys 0..pos[x, i], read in place from the pages through
+    table[x]; [T, N, H] f32, zeros in the rows no tile names."""
     reason = unavailable(k_pages_PLKH.dtype, k_pages_PLKH.shape[3])
     if reason:
         raise RuntimeError(f"tile attention (cpu): {reason}")
-    call = jax.ffi.ffi_call(_TILE_TARGET, jax.ShapeDtypeStruct(q_XQNH.shape, jnp.float32), vmap_method="sequential")
-    return call(q_XQNH.astype(jnp.float32), k_pages_PLKH, v_pages_PLKH, table_XM.astype(jnp.int32),
-                pos_XQ.astype(jnp.int32), scale=np.float32(sm_scale))
+    call = jax.ffi.ffi_call(_TILE_TARGET, jax.ShapeDtypeStruct(q_TNH.shape, jnp.float32), vmap_method="sequential")
+    return call(q_TNH.astype(jnp.float32), k_pages_PLKH, v_pages_PLKH, table_XM.astype(jnp.int32),
+                pos_XQ.astype(jnp.int32), tok_XQ.astype(jnp.int32), scale=np.float32(sm_scale))
 
 
 def write_slots_cpu(pages_PLKH: jax.Array, page_T: jax.Array, slot_T: jax.Array, rows_TKH: jax.Array) -> jax.Array:

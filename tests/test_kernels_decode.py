@@ -156,31 +156,34 @@ def test_native_cpu_paged_kernel_refuses_what_it_cannot_read():
 
 @pytest.mark.parametrize("H,L,dtype", [(64, 16, "float32"), (64, 8, "bfloat16"), (32, 16, "float32")])
 def test_native_cpu_tile_attention_matches_the_oracle(H, L, dtype):
-    """tile_attention_cpu (a prefill chunk's query tiles, causal, pages read in place) against a
-    float64 softmax per query: full, part and padded tiles, a tile not aligned to a block, GQA,
-    bf16 pages, the 4-query V path (H = 64) and the one-query path (H = 32)."""
+    """tile_attention_cpu (a prefill chunk's query tiles, causal, pages read in place, queries read
+    from and outputs written to the step's rows) against a float64 softmax per query: full, part
+    and padded tiles, a tile not aligned to a block, rows in no tile (zeros), GQA, bf16 pages,
+    the 4-query V path (H = 64) and the one-query path (H = 32)."""
     if paged_attention_cpu.unavailable():
         pytest.skip(paged_attention_cpu.unavailable())
     r = _rng(5)
-    X, Q, N, K, P, M = 5, 16, 6, 2, 60, 8
+    X, Q, N, K, P, M, T = 5, 16, 6, 2, 60, 8, 70
     k, v = (jnp.asarray(r.normal(size=(P, L, K, H)), dtype) for _ in range(2))
     table = r.permutation(P)[: X * M].reshape(X, M).astype(np.int32)
-    pos = np.full((X, Q), -1, np.int32)
+    pos, tok = np.full((X, Q), -1, np.int32), np.full((X, Q), T, np.int32)  # padding: no position, row T
     pos[0], pos[1, :10], pos[2, :3], pos[4] = np.arange(16), np.arange(L * M - 10, L * M), [5, 6, 7], np.arange(37, 53)
-    q = r.normal(size=(X, Q, N, H)).astype(np.float32)
-    got = np.asarray(jax.jit(paged_attention_cpu.tile_attention_cpu, static_argnums=5)(
-        jnp.asarray(q), k, v, jnp.asarray(table), jnp.asarray(pos), H ** -0.5))
+    rows = r.permutation(T)  # the step's rows in any order; those left over are in no tile
+    tok[pos >= 0] = rows[: (pos >= 0).sum()]
+    q = r.normal(size=(T, N, H)).astype(np.float32)
+    got = np.asarray(jax.jit(paged_attention_cpu.tile_attention_cpu, static_argnums=6)(
+        jnp.asarray(q), k, v, jnp.asarray(table), jnp.asarray(pos), jnp.asarray(tok), H ** -0.5))
     k_np, v_np = (np.asarray(a.astype(jnp.float32), np.float64) for a in (k, v))
     want = np.zeros_like(got, np.float64)
     for x, i in zip(*np.nonzero(pos >= 0)):
         keys = np.arange(pos[x, i] + 1)
         ks, vs = k_np[table[x, keys // L], keys % L], v_np[table[x, keys // L], keys % L]  # [S, K, H]
         for n in range(N):
-            s = ks[:, n // (N // K)] @ q[x, i, n] * H ** -0.5
+            s = ks[:, n // (N // K)] @ q[tok[x, i], n] * H ** -0.5
             p = np.exp(s - s.max())
-            want[x, i, n] = p @ vs[:, n // (N // K)] / p.sum()
+            want[tok[x, i], n] = p @ vs[:, n // (N // K)] / p.sum()
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-    assert not got[pos < 0].any() and not got[3].any()  # padding and an empty tile: zeros
+    assert not got[rows[(pos >= 0).sum():]].any()  # rows in no tile: zeros
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

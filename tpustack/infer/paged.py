@@ -143,17 +143,21 @@ def blocked_attention(q_TNH: jax.Array, k_PLKH: jax.Array, v_PLKH: jax.Array, la
         if g == "a" and "a_table" in layout:
             o_XQNH = paged_attention(q_XQNH[:, 0], k_PLKH, v_PLKH, layout["a_table"], layout["a_len"],
                                      impl="cpu")[:, None]
-        elif g == "b" and "b_table" in layout:
-            o_XQNH = tile_attention_cpu(q_XQNH, k_PLKH, v_PLKH, layout["b_table"], layout["b_pos"], H ** -0.5)
         else:
             o_XQNH = _items_attention(q_XQNH, layout[f"{g}_pos"], k_PLKH, v_PLKH, layout[f"{g}_item"],
                                       layout[f"{g}_pages"], layout[f"{g}_start"], layout[f"{g}_count"])
         return out_TNH.at[tok_XQ.reshape(-1)].set(o_XQNH.reshape(-1, N, H).astype(jnp.float32), mode="drop")
 
-    out_TNH = jnp.zeros((T, N, H), jnp.float32)
-    for g in ("a", "b"):
-        live = (jnp.any(layout["a_len"] > 0) if g == "a" and "a_table" in layout else
-                jnp.any(layout["b_pos"] >= 0) if g == "b" and "b_table" in layout else layout[f"{g}_count"] > 0)
+    if "b_table" in layout:  # the native tile kernel reads its queries' rows and writes a whole [T, N, H]
+        out_TNH = jax.lax.cond(jnp.any(layout["b_pos"] >= 0),
+                               lambda: tile_attention_cpu(q_TNH, k_PLKH, v_PLKH, layout["b_table"], layout["b_pos"],
+                                                          layout["b_tok"], H ** -0.5),
+                               lambda: jnp.zeros((T, N, H), jnp.float32))
+        groups = ("a",)
+    else:
+        out_TNH, groups = jnp.zeros((T, N, H), jnp.float32), ("a", "b")
+    for g in groups:
+        live = jnp.any(layout["a_len"] > 0) if g == "a" and "a_table" in layout else layout[f"{g}_count"] > 0
         out_TNH = jax.lax.cond(live, lambda o, g=g: group(g, o), lambda o: o, out_TNH)
     return out_TNH
 
