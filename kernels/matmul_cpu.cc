@@ -133,14 +133,11 @@ inline void tile(const float* a, int64_t lda, const T* bp, int64_t kc, float* c,
                  const char* pf, int64_t pf_rows, int64_t pf_stride) {
   static constexpr int64_t kLineAt[4] = {0, 64, 128, 191};  // a row of 48 floats spans 4 lines unless aligned
   const int64_t lines = pf_rows * 4, per_step = (lines + kc - 1) / kc;
+  const int64_t pf_steps = per_step ? (lines + per_step - 1) / per_step : 0;  // the k steps that prefetch
   v16 acc[MR][3];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 3; ++j) acc[m][j] = first ? v16{} : load16(c + m * ldc + kLanes * j);
-  // two k steps a loop: +10-15% at 512-1024 rows (a C++ harness, hot weights, 2 threads)
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; ++k) {
-    for (int64_t i = k * per_step; i < std::min(lines, (k + 1) * per_step); ++i)
-      __builtin_prefetch(pf + (i >> 2) * pf_stride + kLineAt[i & 3], 0, 2);
+  auto fold = [&](int64_t k) __attribute__((always_inline)) {
     const T* b = bp + k * kPanelCols;
     const v16 b0 = load16(b), b1 = load16(b + kLanes), b2 = load16(b + 2 * kLanes);
     for (int m = 0; m < MR; ++m) {
@@ -149,7 +146,16 @@ inline void tile(const float* a, int64_t lda, const T* bp, int64_t kc, float* c,
       acc[m][1] += s * b1;
       acc[m][2] += s * b2;
     }
+  };
+  int64_t k = 0;
+  for (; k < pf_steps; ++k) {  // the prefetching steps, then a loop with nothing else in it
+    for (int64_t i = k * per_step; i < std::min(lines, (k + 1) * per_step); ++i)
+      __builtin_prefetch(pf + (i >> 2) * pf_stride + kLineAt[i & 3], 0, 2);
+    fold(k);
   }
+  // two k steps a loop: +10-15% at 512-1024 rows (a C++ harness, hot weights, 2 threads)
+#pragma GCC unroll 2
+  for (; k < kc; ++k) fold(k);
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < 3; ++j) store16(c + m * ldc + kLanes * j, acc[m][j]);
 }

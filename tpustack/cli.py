@@ -195,6 +195,7 @@ def cmd_serve(args) -> int:
                         token_budget=args.token_budget, cache_dtype=args.cache_dtype,
                         max_top_logprobs=0 if draft else args.max_top_logprobs)
     engine = Engine(cfg, params, ecfg, eos_id=_eos(tok), detokenize=tok.decode, draft=draft, k=args.speculate_k)
+    del params  # on CPU the engine holds its dense weights packed: the loaded copy would double them
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint)) or "tpustack"
     scfg = ServerConfig(model_name=name, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
                         max_tokens_limit=args.max_tokens_limit)
