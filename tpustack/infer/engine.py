@@ -33,7 +33,6 @@ from tpustack.infer.paged import PAGED_DTYPES, blocked_layout, init_pages, paged
 from tpustack.infer.pages import NULL_PAGE, PagePool
 from tpustack.infer.sampling import SamplingParams
 from tpustack.kernels import packable, paged_attention_impl
-from tpustack.model.layers import PACKED_COLLECTION
 from tpustack.model.transformer import Decoder, pack_for_cpu, unstack_layers
 
 
@@ -148,9 +147,9 @@ class Engine:
             self.draft_cfg = dataclasses.replace(draft[0], scan_layers=False, remat_policy="none",
                                                  max_seq_len=max(draft[0].max_seq_len, cfg.max_seq_len))
             self.params = (self.params, unstack_layers(draft[1], self.draft_cfg))
-        elif packable_here(self.cfg):  # the native CPU matmul over weights packed once, here
+        elif packable_here(self.cfg):  # the step's variables: float dense weights packed once for the native matmul
             self.params = pack_for_cpu(self.cfg, self.params)
-        if self.draft_cfg is None and PACKED_COLLECTION not in self.params:
+        else:
             self.params = {"params": self.params}
         self.ecfg, self.eos_id, self.detokenize = engine_cfg, eos_id, detokenize
         self.chunk = engine_cfg.chunk_size or engine_cfg.token_budget
