@@ -208,6 +208,25 @@ def test_one_scanned_layer_is_not_a_loop_on_tpu():
     assert 0 < est1.activations <= max(one.saved + one.layer, one.saved + one.head)
 
 
+def test_recomputed_probabilities_operand_in_vmem_when_it_fits():
+    """The recomputed layer's bf16 [B, K, G*T, S] probabilities that the PV einsum reads are one
+    whole buffer: XLA TPU places it in the chip's on-chip heap (VMEM) when it fits (a fresh
+    compile of #15's kind on v5e, 67 MB in memory space 1), so the layer's HBM workspace drops
+    it there; past the heap (4096 tokens: 268 MB) it stays, and remat none (stacked) keeps it."""
+    m = load_config(cfg_path("tiny.py"), {"model.attention_impl": "xla"}).model
+    kw = dict(backend="tpu")
+    pv = activations.buffer_bytes((1, m.num_kv_heads, m.num_heads // m.num_kv_heads * 2048, 2048), 2, "tpu")
+    base = activations.activations(m, "bfloat16", 1, 2048, "nothing_saveable", **kw)
+    held = activations.activations(m, "bfloat16", 1, 2048, "nothing_saveable", onchip=CHIPS["v5e"].onchip_bytes, **kw)
+    assert base.layer - held.layer == pytest.approx(pv)
+    small = activations.activations(m, "bfloat16", 1, 2048, "nothing_saveable", onchip=pv / 2, **kw)
+    assert small.layer == base.layer
+    none = activations.activations(m, "bfloat16", 1, 2048, "none", **kw)
+    assert activations.activations(m, "bfloat16", 1, 2048, "none", onchip=1e12, **kw).layer == none.layer
+    # the chips the sample was compiled on: v5e 112 MiB, v6e 96, v5p 48; v4 (CMEM) not read
+    assert CHIPS["v5e"].onchip_bytes > CHIPS["v6e"].onchip_bytes > CHIPS["v5p"].onchip_bytes > CHIPS["v4"].onchip_bytes == 0
+
+
 # Pipelined samples (stage > 1) whose full buffer assignments the TPU pipeline terms were read
 # off (memory._tpu_pipeline_peak): config, topology, memory_analysis total, dumped HBM assignment.
 PIPELINE_SAMPLES = {

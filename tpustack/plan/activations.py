@@ -177,13 +177,16 @@ class Activations:
 def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor: int = 1,
                 layer_weight_bytes: float = 0.0, saved_weight_bytes: float = 0.0,
                 stages: int = 1, microbatches: int = 1, backend: str = "cpu", repeats: int = 1,
-                dlogits: bool = False) -> Activations:
+                dlogits: bool = False, onchip: float = 0.0) -> Activations:
     """Peak activation bytes per device for remat 'none' or any policy that saves nothing.
 
     layer_weight_bytes: one layer's weights in the compute dtype as the layer's matmuls read
     them (gathered over fsdp under ZeRO-3; sliced out of the stacked [L, ...] weights when
     scanned), live while that layer is differentiated. saved_weight_bytes: per layer, the
     weight-shaped residuals a scanned layer stacks (see memory.train_memory).
+
+    onchip: the chip's on-chip heap (chips.Chip.onchip_bytes; TPU): see the recomputed
+    layer's probabilities below.
 
     stages > 1 (GPipe, model/transformer.py `gpipe`): b is the device's whole local batch;
     each of the M + S - 1 ticks runs this stage's L/S layers on one microbatch of b / M
@@ -236,6 +239,15 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         if backend == "tpu":
             layer_ws += (mlp_cotangent_bytes(cfg, dtype, mb, t, tensor, backend)
                          + probs_cotangent_bytes(cfg, dtype, mb, t, tensor, backend))
+            # The recomputed probabilities' [B, K, G*T, S] copy that the PV einsum reads is one
+            # whole buffer, made and read inside the layer's backward: XLA's memory-space
+            # assignment places it in VMEM when it fits the chip's on-chip heap (a fresh compile
+            # of #15's kind, q15 on v5e: bf16 [2, 8192, 2048], 67 MB, in memory space 1 at the
+            # HBM heap's peak beside the f32 probabilities in HBM; 268 MB at 4096 tokens, q15t4,
+            # stays in HBM).
+            pv = [r for r in residuals if r[0] == "probs (PV operand)"]
+            if pv and _sum(pv, backend) <= onchip:
+                layer_ws -= _sum(pv, backend)
     if stages > 1 and backend == "tpu":
         # the tick's select of stage 0's input (a new microbatch or the passed activation)
         # keeps its [b, T, D] predicate per tick for the backward pass (pred[ticks, b, T, D])

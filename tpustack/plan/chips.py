@@ -42,6 +42,9 @@ class Chip:
     # ((bytes one op reads, bytes/s it reaches), ...) from cold caches, ascending; (): hbm_bandwidth
     stream: tuple[tuple[float, float], ...] = ()
     op_latency: float = 0.0  # s: fixed cost per op beyond its bytes and FLOPs (0: not modelled)
+    # the on-chip heap XLA TPU's memory-space assignment places whole buffers in (VMEM, memory
+    # space 1), as its buffer assignments size it (0: none, or not read)
+    onchip_bytes: float = 0.0
 
     def cold_bandwidth(self, nbytes: float) -> float:
         """Bytes/s of one op reading `nbytes` from no cache: the `stream` table, interpolated in
@@ -58,7 +61,7 @@ class Chip:
         return self.stream[-1][1]
 
 
-GiB, GB, T = 2**30, 1e9, 1e12
+GiB, MiB, GB, T = 2**30, 2**20, 1e9, 1e12
 
 CHIPS: dict[str, Chip] = {
     # cloud.google.com/tpu/docs/v4 "System architecture": 275 TFLOP/s bf16 and int8,
@@ -66,13 +69,13 @@ CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 275 * T, 275 * T, 32 * GiB, 1228 * GB, 300 * GB, 0.0, 3.22),
     # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 394 TOP/s int8, 16 GiB at 819 GB/s,
     # ICI 1600 Gbps; pricing page: $1.20/chip-hour.
-    "v5e": Chip("TPU v5e", 197 * T, 394 * T, 16 * GiB, 819 * GB, 200 * GB, 0.0, 1.20),
+    "v5e": Chip("TPU v5e", 197 * T, 394 * T, 16 * GiB, 819 * GB, 200 * GB, 0.0, 1.20, onchip_bytes=112 * MiB),
     # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 918 TOP/s int8, 95 GiB at 2765 GB/s,
     # ICI 4800 Gbps; pricing page: $4.20/chip-hour.
-    "v5p": Chip("TPU v5p", 459 * T, 918 * T, 95 * GiB, 2765 * GB, 600 * GB, 0.0, 4.20),
+    "v5p": Chip("TPU v5p", 459 * T, 918 * T, 95 * GiB, 2765 * GB, 600 * GB, 0.0, 4.20, onchip_bytes=48 * MiB),
     # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 1836 TOP/s int8, 32 GiB at 1640 GB/s,
     # ICI 3584 Gbps; pricing page: $2.70/chip-hour.
-    "v6e": Chip("TPU v6e", 918 * T, 1836 * T, 32 * GiB, 1640 * GB, 448 * GB, 0.0, 2.70),
+    "v6e": Chip("TPU v6e", 918 * T, 1836 * T, 32 * GiB, 1640 * GB, 448 * GB, 0.0, 2.70, onchip_bytes=96 * MiB),
     # NVIDIA A100 datasheet (2021): 312 TFLOP/s bf16, 624 TOP/s int8 dense, no fp8,
     # 1555 / 2039 GB/s HBM, NVLink 3 600 GB/s; GCP a2 on-demand per GPU ~$3.67 / ~$5.07.
     "a100-40gb": Chip("NVIDIA A100 40GB", 312 * T, 624 * T, 40 * GB, 1555 * GB, 600 * GB, 0.0, 3.67),

@@ -60,12 +60,14 @@ def layout_config(config_path: str, layout: str, remat: str, overrides: dict[str
                                      **{f"mesh.{k}": str(v) for k, v in mesh.items()}})
 
 
-def estimate_for(config: Config, mesh: dict[str, int], zero_stage: int, backend: str) -> TrainMemory:
-    """tpustack.plan.memory's estimate of `config`'s train step on `mesh` (sizes per axis)."""
+def estimate_for(config: Config, mesh: dict[str, int], zero_stage: int, backend: str,
+                 onchip: float = 0.0) -> TrainMemory:
+    """tpustack.plan.memory's estimate of `config`'s train step on `mesh` (sizes per axis);
+    onchip: the TPU chip's on-chip heap (chips.Chip.onchip_bytes)."""
     t, p = config.train, config.parallel
     return train_memory(config.model, t.precision, mesh, zero_stage, t.batch_size, t.seq_len,
                         config.model.remat_policy, backend=backend, microbatches=p.microbatches,
-                        repeats=p.pipeline_repeats)
+                        repeats=p.pipeline_repeats, onchip=onchip)
 
 
 def row(config: Config, backend: str, layout: str, remat: str, xla_args: float, xla_temp: float) -> Row:
@@ -95,8 +97,9 @@ def topology_estimate(config: Config, topology: str, mesh: dict[str, int]) -> di
     memory_analysis will report (TrainMemory.reported, the figure compile-check's fit verdict
     reads); `estimate_assigned_bytes` is the HBM the buffer assignment reserves."""
     stage = config.parallel.zero_stage if mesh["fsdp"] > 1 else 0
-    est = estimate_for(config, mesh, stage, "tpu")
     generation = topology.split(":")[0]
+    chip = CHIPS.get(generation) if generation in ("v4", "v5e", "v5p", "v6e") else None
+    est = estimate_for(config, mesh, stage, "tpu", chip.onchip_bytes if chip else 0.0)
     return {"zero_stage": stage, "estimate_state_bytes": est.state + est.batch,
             "estimate_temp_bytes": est.reported - est.state - est.batch,
             "estimate_total_bytes": est.reported, "estimate_assigned_bytes": est.total,

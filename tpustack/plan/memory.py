@@ -125,7 +125,7 @@ class TrainMemory:
 
 def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: int,
                  batch: int, seq_len: int, remat: str | None = None, backend: str = "tpu",
-                 microbatches: int = 4, repeats: int = 1) -> TrainMemory:
+                 microbatches: int = 4, repeats: int = 1, onchip: float = 0.0) -> TrainMemory:
     """Our layout's per-device training bytes for ZeRO `stage` (0..3) sharding over mesh['fsdp'].
 
     backend "tpu": the cast to the compute dtype fuses into each matmul, except that the
@@ -133,7 +133,8 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     ZeRO-3 gathers cast layers; every array is counted with its (8, 128) tile padding.
     "cpu": XLA CPU materialises the cast copy and keeps bf16 activations in f32.
     microbatches: GPipe microbatches (parallel.microbatches), used when mesh['stage'] > 1;
-    repeats: layer chunks per stage of a circular pipeline (parallel.pipeline_repeats).
+    repeats: layer chunks per stage of a circular pipeline (parallel.pipeline_repeats);
+    onchip: the TPU chip's on-chip heap (chips.Chip.onchip_bytes), for buffers XLA keeps there.
 
     `activations` is everything at the step's peak beyond the gradients and the compute
     copy: the backward pass's residuals and workspace, or the optimizer update's workspace
@@ -170,7 +171,8 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
     acts = activation_peak(cfg, compute, local_batch, seq_len, remat, tensor=mesh.get("tensor", 1),
                            layer_weight_bytes=0.0 if in_copy else layer_weights,
                            saved_weight_bytes=saved_weights, stages=stages,
-                           microbatches=microbatches, backend=backend, repeats=repeats, dlogits=windowed)
+                           microbatches=microbatches, backend=backend, repeats=repeats, dlogits=windowed,
+                           onchip=onchip if backend == "tpu" else 0.0)
     peak = acts.total
     forward = acts.saved + acts.pipeline  # live at the forward loop's end, beside the compute copy
     if backend == "tpu" and stages == 1:
