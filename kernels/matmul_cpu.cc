@@ -80,30 +80,23 @@ void fold_pass(const float* x, int64_t ldx, int64_t k0, int64_t kb, const T* w, 
     }
 }
 
-// out[:, c0:c1] = x[:, ka:kz] @ w[ka:kz, c0:c1] for all M rows of x (K apart): passes of
-// kRowsPerPass rows of w, each folded into every group of kStreamRows rows of x while it is
-// in cache, so w is read from memory once. A row's sums run over k in order whatever M is.
-template <int64_t kPass, typename T>
-void block(const float* x, int64_t K, int64_t M, int64_t ka, int64_t kz, const T* w, int64_t N, int64_t c0,
-           int64_t c1, float* out) {
-  for (int64_t k0 = ka; k0 < kz; k0 += kPass) {
-    const int64_t kb = std::min(kPass, kz - k0);
-    const int64_t ahead = std::min(kPass, kz - k0 - kb);
-    for (int64_t m0 = 0; m0 < M; m0 += kStreamRows) {
-      const float* xm = x + m0 * K;
-      float* om = out + m0 * N;
-      const bool first = k0 == ka;
-      const int64_t pf = m0 == 0 ? ahead : 0;  // the first group prefetches; the rest find it cached
-      switch (std::min(kStreamRows, M - m0)) {
-        case 1: fold_pass<1>(xm, K, k0, kb, w, N, c0, c1, om, first, pf); break;
-        case 2: fold_pass<2>(xm, K, k0, kb, w, N, c0, c1, om, first, pf); break;
-        case 3: fold_pass<3>(xm, K, k0, kb, w, N, c0, c1, om, first, pf); break;
-        case 4: fold_pass<4>(xm, K, k0, kb, w, N, c0, c1, om, first, pf); break;
-        case 5: fold_pass<5>(xm, K, k0, kb, w, N, c0, c1, om, first, pf); break;
-        case 6: fold_pass<6>(xm, K, k0, kb, w, N, c0, c1, om, first, pf); break;
-        case 7: fold_pass<7>(xm, K, k0, kb, w, N, c0, c1, om, first, pf); break;
-        default: fold_pass<8>(xm, K, k0, kb, w, N, c0, c1, om, first, pf); break;
-      }
+// out = x[:, ka:kz] @ w[ka:kz, :] for M <= kStreamRows rows of x (K apart): passes of
+// kRowsPerPass rows of w, each prefetching the next. A row's sums run over k in order whatever M is.
+template <typename T>
+void block(const float* x, int64_t K, int64_t M, int64_t ka, int64_t kz, const T* w, int64_t N, float* out) {
+  for (int64_t k0 = ka; k0 < kz; k0 += kRowsPerPass) {
+    const int64_t kb = std::min(kRowsPerPass, kz - k0);
+    const int64_t ahead = std::min(kRowsPerPass, kz - k0 - kb);
+    const bool first = k0 == ka;
+    switch (M) {
+      case 1: fold_pass<1>(x, K, k0, kb, w, N, 0, N, out, first, ahead); break;
+      case 2: fold_pass<2>(x, K, k0, kb, w, N, 0, N, out, first, ahead); break;
+      case 3: fold_pass<3>(x, K, k0, kb, w, N, 0, N, out, first, ahead); break;
+      case 4: fold_pass<4>(x, K, k0, kb, w, N, 0, N, out, first, ahead); break;
+      case 5: fold_pass<5>(x, K, k0, kb, w, N, 0, N, out, first, ahead); break;
+      case 6: fold_pass<6>(x, K, k0, kb, w, N, 0, N, out, first, ahead); break;
+      case 7: fold_pass<7>(x, K, k0, kb, w, N, 0, N, out, first, ahead); break;
+      default: fold_pass<8>(x, K, k0, kb, w, N, 0, N, out, first, ahead); break;
     }
   }
 }
@@ -112,12 +105,12 @@ void block(const float* x, int64_t K, int64_t M, int64_t ka, int64_t kz, const T
 //
 // Past kStreamRows rows each weight is used by many rows, so the work is FMAs, not reads. XLA
 // CPU's GEMM reaches ~62% of this VM's FMA peak on a 2048-cube (211 of 341 GFLOP/s, Intel Xeon,
-// 2 cores) and less on the engine's shapes; this one follows the BLIS recipe: w is copied, a
-// block of kDepth rows by kPanelCols columns at a time, into a contiguous f32 panel that stays in
-// L2 while every 8-row tile of x runs over it, 24 accumulators (8 rows x 3 vectors) in registers,
-// and the next block's rows are prefetched into L2 while it computes (its rows are N apart in
-// memory, too far apart for the hardware prefetcher). A row's sum runs over k in order, one FMA
-// a term, blocks of kDepth added in order: its result does not depend on M.
+// 2 cores) and less on the engine's shapes; this one follows the BLIS recipe: w in contiguous
+// panels of kPanelCols columns (packed once at load, or per call into a thread's buffer), blocks
+// of kDepth rows of a panel held in L2 while every 8-row tile of x runs over them, 24
+// accumulators (8 rows x 3 vectors) in registers, the next block prefetched while one computes.
+// A row's sum runs over k in order, one FMA a term, blocks of kDepth added in order: its result
+// does not depend on M.
 constexpr int64_t kTileRows = 8;         // rows of x per microkernel (24 of 32 vector registers)
 constexpr int64_t kPanelCols = 48;       // columns per packed panel: 3 vectors
 constexpr int64_t kDepth = 1024;         // rows of w per block: 192 KB in L2 (a C++ harness at 64 rows,
@@ -203,67 +196,53 @@ void tiles(const float* x, int64_t K, int64_t M, const T* bp, int64_t kc, float*
   }
 }
 
-// w[k0 : k0 + kc, n0 : n0 + cols] as f32 into bp [kc x 48], zeros past cols.
+// One packed panel (K rows of 48, contiguous) times rows [0, M) of x (K apart) into out's
+// columns n0 .. n0 + cols: blocks of kDepth rows in k order. `more` says the next panel follows
+// in memory: its first block is prefetched while the last one runs.
 template <typename T>
-void pack(const T* w, int64_t N, int64_t k0, int64_t kc, int64_t n0, int64_t cols, float* bp) {
-  for (int64_t k = 0; k < kc; ++k) {
-    const T* src = w + (k0 + k) * N + n0;
-    float* dst = bp + k * kPanelCols;
-    if (cols == kPanelCols) {
-      for (int j = 0; j < 3; ++j) store16(dst + kLanes * j, load16(src + kLanes * j));
-    } else {
-      for (int64_t j = 0; j < cols; ++j) dst[j] = load1(src + j);
-      std::fill(dst + cols, dst + kPanelCols, 0.0f);
-    }
+void panel_times_rows(const float* x, int64_t K, int64_t M, const T* panel, bool more, float* out, int64_t N,
+                      int64_t n0, int64_t cols) {
+  for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+    const int64_t kc = std::min(kDepth, K - k0);
+    const int64_t next_rows = k0 + kc < K ? std::min(kDepth, K - k0 - kc) : more ? std::min(kDepth, K) : 0;
+    tiles(x + k0, K, M, panel + k0 * kPanelCols, kc, out + n0, N, k0 == 0, cols,
+          reinterpret_cast<const char*>(panel + (k0 + kc) * kPanelCols), next_rows,
+          kPanelCols * static_cast<int64_t>(sizeof(T)));
   }
 }
 
-// Panels [p0, p1) of out: each panel's blocks in k order, every row block of x over each.
-template <typename T>
-void gemm_panels(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* out, int64_t p0, int64_t p1) {
-  alignas(64) static thread_local float bp[kDepth * kPanelCols];
-  for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
-    const int64_t mb = std::min(kBlockRows, M - m0);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, N - n0);
-      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-        const int64_t kc = std::min(kDepth, K - k0);
-        int64_t nk = k0 + kDepth, np = p;  // the block after this one: prefetched meanwhile
-        if (nk >= K) nk = 0, ++np;
-        const bool ahead = np < p1;
-        pack(w, N, k0, kc, n0, cols, bp);
-        tiles(x + m0 * K + k0, K, mb, bp, kc, out + m0 * N + n0, N, k0 == 0, cols,
-              ahead ? reinterpret_cast<const char*>(w + nk * N + np * kPanelCols) : nullptr,
-              ahead ? std::min(kDepth, K - nk) : 0, N * static_cast<int64_t>(sizeof(T)));
-      }
-    }
-  }
-}
-
-// ---- Weights packed at load time: w_PKC [P, K, 48] ----
-//
-// Panel p holds columns 48p .. 48p + 47 of w, K rows of 48 in a row (the last panel zero-padded):
-// what pack() copies per call above, done once (kernels/matmul.py pack_weight). Every block a
-// tile reads is then contiguous: no copy, nothing strided for the prefetcher, and one code path
-// for every M: each tile of up to 8 rows streams a panel's blocks in k order, so a row's result
-// does not depend on M at all (1 row or 1000).
+// Packed once (weights at load, `pack_weight`): panels [p0, p1) for rows [rows0, rows1), each
+// block of kBlockRows rows over every panel.
 template <typename T>
 void packed_panels(const float* x, int64_t M, int64_t K, const T* wp, int64_t N, float* out, int64_t p0, int64_t p1,
                    int64_t rows0, int64_t rows1) {
-  for (int64_t m0 = rows0; m0 < rows1; m0 += kBlockRows) {
-    const int64_t mb = std::min(kBlockRows, rows1 - m0);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, N - n0);
-      const T* panel = wp + p * K * kPanelCols;
-      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-        const int64_t kc = std::min(kDepth, K - k0);
-        const T* next = panel + (k0 + kc) * kPanelCols;  // the next block (or the next panel's first)
-        const bool ahead = k0 + kc < K || p + 1 < p1;
-        tiles(x + m0 * K + k0, K, mb, panel + k0 * kPanelCols, kc, out + m0 * N + n0, N, k0 == 0, cols,
-              reinterpret_cast<const char*>(next), ahead ? std::min(kDepth, K - (k0 + kc < K ? k0 + kc : 0)) : 0,
-              kPanelCols * static_cast<int64_t>(sizeof(T)));
+  for (int64_t m0 = rows0; m0 < rows1; m0 += kBlockRows)
+    for (int64_t p = p0; p < p1; ++p)
+      panel_times_rows(x + m0 * K, K, std::min(kBlockRows, rows1 - m0), wp + p * K * kPanelCols, p + 1 < p1,
+                       out + m0 * N, N, p * kPanelCols, std::min(kPanelCols, N - p * kPanelCols));
+}
+
+// Packed per call (`matmul(impl="cpu")` past kStreamRows rows): each of panels [p0, p1) of w is
+// copied as f32 into the thread's [K, 48] buffer (zeros past N), then every row block runs over it.
+template <typename T>
+void gemm_panels(const float* x, int64_t M, int64_t K, const T* w, int64_t N, float* out, int64_t p0, int64_t p1) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(K * kPanelCols);
+  float* bp = buffer.data();
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kPanelCols, cols = std::min(kPanelCols, N - n0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* src = w + k * N + n0;
+      float* dst = bp + k * kPanelCols;
+      if (cols == kPanelCols) {
+        for (int j = 0; j < 3; ++j) store16(dst + kLanes * j, load16(src + kLanes * j));
+      } else {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = load1(src + j);
+        std::fill(dst + cols, dst + kPanelCols, 0.0f);
       }
     }
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows)
+      panel_times_rows(x + m0 * K, K, std::min(kBlockRows, M - m0), bp, false, out + m0 * N, N, n0, cols);
   }
 }
 
@@ -301,7 +280,7 @@ void matmul(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T
   std::vector<float> partial((parts - 1) * M * N);  // parts 1.. (part 0 writes out)
   float* pp = partial.data();
   parallel(pool, parts, parts - 1, [=](int64_t i) {
-    block<kRowsPerPass>(x, K, M, i * rows, std::min(K, (i + 1) * rows), w, N, 0, N, i == 0 ? out : pp + (i - 1) * M * N);
+    block(x, K, M, i * rows, std::min(K, (i + 1) * rows), w, N, i == 0 ? out : pp + (i - 1) * M * N);
   });
   for (int64_t i = 1; i < parts; ++i)
     for (int64_t j = 0; j < M * N; ++j) out[j] += pp[(i - 1) * M * N + j];

@@ -238,7 +238,7 @@ inline void block_scores(const float* q, int64_t H, const float* kt, v16 (*s)[2]
   for (int i = 0; i < RB; ++i) s[i][0] = acc[i][0], s[i][1] = acc[i][1];
 }
 
-constexpr int64_t kMaxHead = 512;  // head_dim limit of the tile kernel (the wrapper checks)
+constexpr int64_t kMaxHead = 512;  // head_dim limit of the tile kernel (the call refuses larger)
 
 // o[i] = o[i] * rescale[i] + sum_t w[i][t] v_slot[t] for QB query rows H apart; kC = H / 16 when
 // the accumulators fit in registers (QB x kC <= 16), 0 for any H (one query at a time).
