@@ -52,7 +52,7 @@ def test_unknown_key_names_it_and_suggests():
 @pytest.mark.parametrize("key,value,match", [
     ("model.num_layers", "four", r"expected a int"),
     ("model.num_kv_heads", "4", r"model.num_kv_heads: 4 must divide model.num_heads=6"),
-    ("model.remat_policy", "everything", r"model.remat_policy: 'everything' is not 'none' or a jax"),
+    ("model.remat_policy", "everything", r"model.remat_policy: 'everything' is not 'none', save_dots_except_mlp_in, save_qkv_proj"),
     ("train.precision", "fp4", r"train.precision: 'fp4' is not one of"),
     ("train.grad_accum", "5", r"train.grad_accum: 5 must divide train.batch_size=64"),
     ("train.seq_len", "4096", r"train.seq_len: 4096 exceeds model.max_seq_len=1024"),

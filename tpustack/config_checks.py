@@ -11,9 +11,9 @@ import math
 import numbers
 from typing import Any, Callable
 
-import jax
 
 from tpustack.errors import UserError
+from tpustack.remat import SAVED_PROJECTIONS, is_policy
 
 DTYPES = ("float32", "bfloat16", "float16")
 # train.precision -> the compute dtype of matmuls and activations; master weights stay float32
@@ -70,9 +70,9 @@ FIELD_CHECKS: dict[str, Check | None] = {
                                                          "always float32; drop the setting (train.precision sets "
                                                          "the compute dtype)"),
     "model.dtype": _one_of(*DTYPES, note="; train.precision sets it"), "model.scan_layers": None,
-    "model.remat_policy": Check(lambda v: v == "none" or v in _checkpoint_policies(),
-                                "{v!r} is not 'none' or a jax.checkpoint_policies name (such as "
-                                "nothing_saveable, dots_saveable)"),
+    "model.remat_policy": Check(is_policy, "{v!r} is not 'none', " + ", ".join(SAVED_PROJECTIONS)
+                                + " or a jax.checkpoint_policies name (such as nothing_saveable, "
+                                  "dots_with_no_batch_dims_saveable)"),
     "model.attention_impl": _one_of("xla", "cudnn", "pallas", "auto"),
     "model.weight_quant": _one_of("none", "int8", "int4", "nf4", "int4_zp"),
     "model.weight_group": _one_of(32, 64, 128, 256),
@@ -192,9 +192,3 @@ def check_relations(config) -> None:
         _need(t.batch_size % (t.grad_accum * p.microbatches) == 0, "parallel.microbatches",
              f"{p.microbatches} microbatches x train.grad_accum={t.grad_accum} must divide "
              f"train.batch_size={t.batch_size}")
-
-
-
-
-def _checkpoint_policies() -> list[str]:
-    return sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))

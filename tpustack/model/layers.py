@@ -15,12 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jax.ad_checkpoint import checkpoint_name
+
 from tpustack.config import ModelConfig
 from tpustack.kernels import (compat, decode_attention, flash_attention, matmul, pack_weight, packed_matmul,
                               paged_attention, paged_attention_impl)
 from tpustack.model.fp8 import COLLECTION as FP8_COLLECTION
 from tpustack.model.fp8 import fp8_dense
 from tpustack.model.quant import quantized_dense
+from tpustack.remat import checkpoint_tag
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -91,7 +94,7 @@ def linear(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...]
         y = quantized_dense(module, name, x, in_shape, out_shape, flat_names, cfg)
     if cfg.lora_rank and name in cfg.lora_targets.split(","):
         y = y + lora_delta(module, name, x, in_shape, out_shape, flat_names, cfg)
-    return y
+    return checkpoint_name(y, checkpoint_tag(name))  # what a named remat policy saves (tpustack.remat)
 
 
 def lora_delta(module: nn.Module, name: str, x: jax.Array, in_shape: tuple[int, ...], out_shape: tuple[int, ...],

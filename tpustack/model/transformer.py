@@ -1,7 +1,7 @@
 """The decoder: embedding -> L x (norm, attention, norm, SwiGLU) -> norm -> LM head.
 
 Scan over layers (`model.scan_layers`) stacks layer weights on a leading `layers` axis and
-compiles one block; remat (`model.remat_policy`) names a jax.checkpoint_policies entry.
+compiles one block; remat (`model.remat_policy`) names a jax.checkpoint_policies entry or one of tpustack.remat's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from tpustack.config import ModelConfig
+from tpustack.remat import checkpoint_policy
 from tpustack.model.layers import PACKED_COLLECTION, MLP, Attention, RMSNorm, dense, linear, param, rope_tables
 
 ACT_BTD = ("batch", "length", "act_embed")
@@ -53,8 +54,7 @@ class ScannedBlock(nn.Module):
 def block_class(cfg: ModelConfig) -> type[nn.Module]:
     if cfg.remat_policy == "none":
         return Block
-    policy = getattr(jax.checkpoint_policies, cfg.remat_policy)
-    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+    return nn.remat(Block, policy=checkpoint_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
 
 
 class Decoder(nn.Module):

@@ -15,6 +15,7 @@ import dataclasses
 from tpustack.config import ModelConfig
 from tpustack.dtypes import itemsize
 from tpustack.plan.buffers import buffer_bytes
+from tpustack.remat import PROJECTIONS, SAVED_PROJECTIONS
 
 
 def matmul_operand_bytes(dtype: str, backend: str) -> int:
@@ -88,17 +89,21 @@ def saved_dots(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor:
     compute dtype: the q/k/v, gate and up projections [B*T, *] split over tensor, and the o
     and down projections [B*T, D] whole (the full sum the partitioner all-reduces); with
     `dots_saveable`, also the attention's batched einsums (f32 scores, PV output) unless
-    flash attention hides them in the kernel."""
-    if remat not in SAVES_DOTS:
+    flash attention hides them in the kernel. A named policy (tpustack.remat) saves the
+    projections it names."""
+    if remat not in SAVES_DOTS and remat not in SAVED_PROJECTIONS:
         return []
     c = activation_elem_bytes(dtype, backend)
     d, f, h = cfg.d_model, -(-cfg.ffn_dim // tensor), cfg.heads_dim
     k = -(-cfg.num_kv_heads // tensor)
     g = cfg.num_heads // cfg.num_kv_heads
-    out = [("q proj", (b * t, k * g * h), c), ("k proj", (b * t, k * h), c), ("v proj", (b * t, k * h), c),
-           ("o proj", (b * t, d), c), ("gate proj", (b * t, f), c), ("up proj", (b * t, f), c),
-           ("down proj", (b * t, d), c)]
-    if SAVES_DOTS[remat] and not flash_attention(cfg, backend):
+    width = {"q": k * g * h, "k": k * h, "v": k * h, "o": d, "gate": f, "up": f, "down": d}
+    # (a named policy saves a named value only where a backward op reads it: down's output
+    # feeds only the residual sum, so it is never a residual; jax's dots policies save the
+    # 2-D dot output itself, which the cotangent's reshape does read)
+    names = [p for p in SAVED_PROJECTIONS[remat] if p != "down"] if remat in SAVED_PROJECTIONS else PROJECTIONS
+    out = [(f"{p} proj", (b * t, width[p]), c) for p in names]
+    if SAVES_DOTS.get(remat) and not flash_attention(cfg, backend):
         out += [("scores", (b, k, g * t, t), 4), ("pv", (b, k, g * t, h), c)]
     return out
 
@@ -227,7 +232,9 @@ def activations(cfg: ModelConfig, dtype: str, b: int, t: int, remat: str, tensor
         # every projection a batch dimension: `dots_with_no_batch_dims_saveable` then saves
         # none of them (samples #7, #34, #68 of benchmarks/estimate_vs_xla.py: the tick
         # loop's only stacked residual is the layers' inputs).
-        dots = saved_dots(cfg, dtype, mb, t, remat, tensor, backend) if stages == 1 or SAVES_DOTS.get(remat) else []
+        # (named outputs keep their names under the vmap: a named policy saves them there too)
+        dots = (saved_dots(cfg, dtype, mb, t, remat, tensor, backend)
+                if stages == 1 or SAVES_DOTS.get(remat) or remat in SAVED_PROJECTIONS else [])
         saved = steps * (buffer_bytes((mb, t, cfg.d_model), c, backend) + _sum(dots, backend))
         # The layer being differentiated first recomputes its forward: its residuals and
         # its weights are live. On TPU its backward's peak also holds the MLP's three

@@ -28,8 +28,9 @@ import dataclasses
 import math
 from typing import Any
 
-from tpustack.config import Config
+from tpustack.config import Config, ModelConfig
 from tpustack.metrics import flops_per_token
+from tpustack.remat import SAVED_PROJECTIONS
 from tpustack.plan import comms, roofline
 from tpustack.plan.chips import CHIPS
 
@@ -130,10 +131,12 @@ def from_hlo(hlo_text: str, config: Config, topology: str, chips: int) -> StepTi
 def flash_attention_flops(config: Config, local_batch: float, heads: float) -> float:
     """FLOPs of the Pallas flash kernels per step per chip: causal blocks skipped (half of the
     4 B N T^2 H forward, 8 backward, + 2 recomputing the scores), and the forward again
-    under a remat policy that recomputes the layer."""
+    under any remat policy."""
     m, t = config.model, config.train.seq_len
     unit = local_batch * heads * t * t * m.heads_dim * m.num_layers / 2
-    return unit * (4 + 8 + 2 + (4 if remat_recompute(m.remat_policy) >= 1 else 0))
+    # the kernel's output is no matmul output and carries no checkpoint name, so every remat
+    # policy (dots ones included) reruns its forward in the backward
+    return unit * (4 + 8 + 2 + (4 if m.remat_policy != "none" else 0))
 
 
 def kernel_flops(config: Config, chips: int) -> float:
@@ -145,13 +148,23 @@ def kernel_flops(config: Config, chips: int) -> float:
     return flash_attention_flops(config, t.batch_size * tensor / chips, -(-m.num_heads // tensor))
 
 
-def remat_recompute(remat: str) -> float:
+def remat_recompute(remat: str, cfg: ModelConfig | None = None) -> float:
     """Extra forward passes of the layers under a remat policy (as a fraction of one forward)."""
     if remat == "none":
         return 0.0
-    if "dots" in remat:  # matmul outputs saved: only the elementwise work and attention rerun
-        return 0.15
+    if "dots" in remat and remat not in SAVED_PROJECTIONS:  # matmul outputs saved: only the
+        return 0.15  # elementwise work and attention rerun
+    if remat in SAVED_PROJECTIONS and cfg is not None:  # the projections it does not save rerun
+        flops = _projection_flops(cfg)
+        return 0.15 + sum(v for p, v in flops.items() if p not in SAVED_PROJECTIONS[remat]) / sum(flops.values())
     return 1.0
+
+
+def _projection_flops(cfg: ModelConfig) -> dict[str, float]:
+    """Per token, FLOPs of each dense projection of a layer (the share a named policy reruns)."""
+    d, f, q, kv = cfg.d_model, cfg.ffn_dim, cfg.num_heads * cfg.heads_dim, cfg.num_kv_heads * cfg.heads_dim
+    return {"q": 2 * d * q, "k": 2 * d * kv, "v": 2 * d * kv, "o": 2 * q * d, "gate": 2 * d * f, "up": 2 * d * f,
+            "down": 2 * f * d}
 
 
 def analytic(config: Config, chip_name: str, mesh: dict[str, int], topology: str | None = None) -> StepTime:
@@ -172,7 +185,7 @@ def analytic(config: Config, chip_name: str, mesh: dict[str, int], topology: str
         ops = [roofline.Op(o.name, o.kind, flash_attention_flops(config, local, m.num_heads) / m.num_layers,
                            3 * local * t.seq_len * (2 * m.num_heads + 2 * m.num_kv_heads) * m.heads_dim * c, o.count)
                if o.kind == "attention" else o for o in ops]
-    extra = remat_recompute(m.remat_policy) / 3  # train_ops count forward + backward (3 forwards)
+    extra = remat_recompute(m.remat_policy, m) / 3  # train_ops count forward + backward (3 forwards)
     compute = memory = 0.0
     for op in ops:
         # remat reruns the layers' forward (the flash op counts its own rerun)

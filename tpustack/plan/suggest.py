@@ -2,7 +2,7 @@
 
 The search: data x stage x fsdp x tensor sizes whose product is N (tensor dividing the query
 and kv heads, stage dividing the layers), every ZeRO stage where fsdp > 1, remat none /
-dots_with_no_batch_dims_saveable / nothing_saveable, pipeline microbatches S, 2 S, 4 S, and
+dots_with_no_batch_dims_saveable / save_dots_except_mlp_in / nothing_saveable, pipeline microbatches S, 2 S, 4 S, and
 1..16 sequences per data-parallel shard. A layout is feasible when tpustack.plan.memory's
 estimate fits 90% of the chip's HBM (a margin for the estimate's error, docs/capacity.md).
 Layouts with different batches are ranked by predicted time per token (the step time over
@@ -22,7 +22,7 @@ from tpustack.plan import steptime
 from tpustack.plan.chips import CHIPS
 from tpustack.plan.memory import train_memory
 
-REMATS = ("none", "dots_with_no_batch_dims_saveable", "nothing_saveable")
+REMATS = ("none", "dots_with_no_batch_dims_saveable", "save_dots_except_mlp_in", "nothing_saveable")
 HBM_MARGIN = 0.9
 
 
