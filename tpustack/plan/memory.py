@@ -118,8 +118,8 @@ class TrainMemory:
     @property
     def reported(self) -> float:
         """What XLA TPU's memory_analysis reports (arguments + temp): the allocation plus the
-        forward loop's stacked residuals once more when the step's peak is the LM head's
-        backward, between the loops (docs/capacity.md)."""
+        heap's excess over the bytes its live ranges list, which its temp counts once more
+        (2 x heap - L; docs/capacity.md)."""
         return self.total + self.counted_twice
 
 
@@ -191,10 +191,6 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         loop = acts.saved + acts.layer - (0.0 if cfg.tie_embeddings else embed_grads)
         head_phase = acts.saved + acts.head + head_grads - grads
         peak = max(loop, head_phase, 0.0) + acts.pipeline
-        # (memory_analysis's second count, below, is taken only as far as the head's backward
-        # tops the layer loop, whose listed bytes are taken as the loop's whole: where the
-        # loop is the peak, what its live ranges omit is not modelled)
-        forward = acts.pipeline + loop + grads
     if backend == "tpu" and stages > 1:
         chunk = cfg.num_layers // (stages * repeats)  # layers a tick runs (the inner layer scan)
         tick = acts.tick if chunk > 1 else 0.0
@@ -221,14 +217,31 @@ def train_memory(cfg: ModelConfig, precision: str, mesh: dict[str, int], stage: 
         grads, peak = _cpu_unrolled(cfg, table, compute, local_batch, seq_len, layer_weights, copy, update, b)
     tokens = buffer_bytes((local_batch, seq_len), 4, backend)
     # What memory_analysis counts twice: its temp is 2 x heap - L, L the peak of the bytes
-    # XLA's live ranges list, and they omit while-loop state: the forward loop's stacked
-    # residuals are listed while it writes them (its end: `forward` + the compute copy) but
-    # not once they are the loop's result, through the head's backward and (pipelines) the
-    # backward tick loop. So L = max(forward end, backward peak - saved) and memory_analysis
-    # reports the heap plus min(saved, backward peak - forward end): read off the dumps of
-    # pipelined samples #20 (16.0 GB), #47 (2.40), #17 (1.54), #26 (0.22), whose L is the
-    # forward's end or the head's backward less the stacks.
-    twice = min(acts.saved, max(backward + grads - forward, 0.0)) if backend == "tpu" and peak == backward else 0.0
+    # XLA's live ranges list, and they omit while-loop state (docs/capacity.md).
+    if backend == "tpu" and stages == 1:
+        # L phase by phase (read off the calibration dumps: #5, #13, #31, #41, #59 have L at
+        # the first, #4, #25, #32, #37, #40 at the second, #46, #56 at the third):
+        # - the forward loop's start: its [L, ...] stacks, zero-filled before the loop (listed
+        #   then, not once they are loop state), beside the cast weights;
+        # - the LM head's backward: its workspace and gradient beside the cast weights (the
+        #   stacks are the forward loop's result then: unlisted);
+        # - the backward layer loop: the layer's workspace and the gradients beside the cast
+        #   weights (the stacks are loop state: unlisted).
+        # memory_analysis reports the heap plus heap - L (nothing where a phase lists it all).
+        heap = grads + copy + peak
+        listed = max(acts.saved, acts.head + head_grads, acts.layer + grads) + copy
+        twice = max(0.0, heap - listed)
+    elif backend == "tpu" and peak == backward:
+        # A pipeline: the forward tick loop's stacked residuals are listed while it writes
+        # them (its end: `forward` + the compute copy) but not once they are the loop's
+        # result, through the head's backward and the backward tick loop. So L = max(forward
+        # end, backward peak - saved) and memory_analysis reports the heap plus min(saved,
+        # backward peak - forward end): read off the dumps of pipelined samples #20 (16.0
+        # GB), #47 (2.40), #17 (1.54), #26 (0.22), whose L is the forward's end or the head's
+        # backward less the stacks.
+        twice = min(acts.saved, max(backward + grads - forward, 0.0))
+    else:
+        twice = 0.0
     return TrainMemory(stage, master, grads, adam, copy, peak, 2 * tokens, twice)
 
 
