@@ -5,7 +5,11 @@ Rows: MaxText's docs/reference/models/tiering.md (AI-Hypercomputer/maxtext @ e59
 the per-device batch, remat and sharding of the recipe each row links to
 (benchmarks/maxtext_trillium_model_configs.py, src/maxtext/configs/tpu/v5p/llama2_70b.sh).
 Each is predicted for tpustack's own program (configs/ shapes, fp32 master + bf16 compute,
-ZeRO-3 FSDP over every chip, the Pallas flash kernel) with tpustack.plan.steptime:
+ZeRO-3 FSDP over every chip, the Pallas flash kernel, the remat policy that saves what
+MaxText's saves) with tpustack.plan.steptime. Where that program does not fit the chip's HBM
+at MaxText's batch (MaxText offloads saved activations to host memory; ours keeps them in
+HBM), ours is the fastest layout per token that fits (`our_layout`: another remat policy or
+fewer sequences per chip), and the row says so:
 
 - analytic: at the published size (no compile);
 - hlo (--compile): the real TPU compiler's program for a proxy with the same per-chip
@@ -24,6 +28,7 @@ predicted / published tokens per second per chip (the same FLOPs per token on bo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -44,35 +49,67 @@ ROWS = [
     ("Llama 3.1 70B, v6e-256, SL 8192, batch 5/chip", 0.5033, 960, "v6e", 256, "configs/llama3_8b.py",
      {**L70, "train.seq_len": "8192", "model.max_seq_len": "8192"}, 5, "custom (offload)"),
 ]
-# MaxText's remat -> the nearest jax.checkpoint_policies entry our model takes
-REMAT = {"full": "nothing_saveable", "save_dot_except_mlpwi": "dots_with_no_batch_dims_saveable",
-         "custom (offload)": "dots_with_no_batch_dims_saveable"}
+# MaxText's remat -> the policy of ours that saves the same values (tpustack.remat); MaxText's
+# `custom` offloads its saved values to host memory, ours keeps them in HBM
+REMAT = {"full": "nothing_saveable", "save_dot_except_mlpwi": "save_dots_except_mlp_in",
+         "custom (offload)": "save_qkv_proj"}
 
 
-def our_config(path: str, overrides: dict, chips: int, per_chip: int, remat: str, layers: int | None = None):
+def our_config(path: str, overrides: dict, chips: int, per_chip: int, remat: str, layers: int | None = None,
+               policy: str | None = None):
     from tpustack.config import load_config
 
     ov = {**overrides, "mesh.fsdp": "-1", "parallel.zero_stage": "3", "model.attention_impl": "pallas",
-          "model.remat_policy": REMAT[remat], "train.batch_size": str(per_chip * chips)}
+          "model.remat_policy": policy or REMAT[remat], "train.batch_size": str(per_chip * chips)}
     if layers:
         ov["model.num_layers"] = str(layers)
     return load_config(path, ov)
 
 
-def predict(row) -> dict:
-    from tpustack.plan import steptime
-    from tpustack.plan.memory import train_memory
+def our_layout(row) -> tuple[int, str, float, float]:
+    """(batch per chip, remat, estimated GB per chip, the recipe's own GB per chip) of our
+    program for the row: MaxText's batch and remat where our estimate fits the chip's HBM
+    (tpustack.plan.suggest's margin), else the fastest per token that fits among our remat
+    policies and smaller batches (MaxText offloads saved activations to host memory; our
+    program keeps them in HBM)."""
+    from tpustack.plan import steptime, suggest
+    from tpustack.plan.chips import CHIPS
 
     name, mfu, tps, chip, chips, path, ov, per_chip, remat = row
-    cfg = our_config(path, ov, chips, per_chip, remat)
+    mesh = {"data": 1, "stage": 1, "fsdp": chips, "tensor": 1}
+    ours = REMAT[remat]
+    topology = steptime.default_topology(chip, chips)
+    cap = suggest.HBM_MARGIN * CHIPS[chip].hbm_bytes
+    tried = {}
+    for policy in dict.fromkeys((ours, *suggest.REMATS)):
+        for b in range(per_chip, 0, -1):
+            cfg = our_config(path, ov, chips, b, remat, policy=policy)
+            cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh))  # fsdp -1 resolved
+            tried[b, policy] = suggest.evaluate(cfg, chip, topology)
+    recipe = tried[per_chip, ours]["memory_bytes"]
+    if recipe <= cap:
+        return per_chip, ours, recipe / 1e9, recipe / 1e9
+    fits = [(r["seconds_per_token"], b, p) for (b, p), r in tried.items() if r["memory_bytes"] <= cap]
+    if not fits:
+        return per_chip, ours, recipe / 1e9, recipe / 1e9
+    _, b, p = min(fits)
+    assert mesh == tried[b, p]["mesh"]
+    return b, p, tried[b, p]["memory_bytes"] / 1e9, recipe / 1e9
+
+
+def predict(row) -> dict:
+    from tpustack.plan import steptime
+
+    name, mfu, tps, chip, chips, path, ov, per_chip, remat = row
+    batch, policy, mem_gb, recipe_gb = our_layout(row)
+    cfg = our_config(path, ov, chips, batch, remat, policy=policy)
     mesh = {"data": 1, "stage": 1, "fsdp": chips, "tensor": 1}
     st = steptime.analytic(cfg, chip, mesh)
     t = cfg.train
     ours_tps = t.batch_size * t.seq_len / chips / st.seconds
-    mem = train_memory(cfg.model, t.precision, mesh, 3, t.batch_size, t.seq_len, cfg.model.remat_policy,
-                       backend="tpu")
     return {"row": name, "published_mfu": mfu, "published_tokens_per_s_chip": tps, "chip": chip, "chips": chips,
-            "remat_maxtext": remat, "remat_ours": cfg.model.remat_policy, "memory_gb": mem.total / 1e9,
+            "remat_maxtext": remat, "remat_ours": policy, "batch_per_chip_ours": batch,
+            "memory_gb": mem_gb, "recipe_memory_gb": recipe_gb,
             "analytic": {**st.as_dict(), "tokens_per_s_chip": ours_tps, "mfu_maxtext_count": mfu * ours_tps / tps}}
 
 
@@ -82,7 +119,7 @@ def proxy_hlo_path(layers: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"maxtext_proxy_{layers}.hlo.gz")
 
 
-def hlo_proxy(row, depths=(2, 4), proxy_chips: int = 8, compile_: bool = True) -> dict:
+def hlo_proxy(row, per_chip: int, policy: str, depths=(2, 4), proxy_chips: int = 8, compile_: bool = True) -> dict:
     """The HLO-based prediction of a row: two shallow compiles with the row's per-chip shapes
     on a `proxy_chips` slice (kept as /tmp/maxtext_proxy_L.hlo.gz; compile_=False reprices
     the kept ones), priced on the row's own topology (its ICI rings), and extrapolated per
@@ -92,18 +129,18 @@ def hlo_proxy(row, depths=(2, 4), proxy_chips: int = 8, compile_: bool = True) -
     from tpustack.plan import steptime
     from tpustack.train.aot import compile_check
 
-    name, mfu, tps, chip, chips, path, ov, per_chip, remat = row
+    name, mfu, tps, chip, chips, path, ov, _, remat = row
     topo, target = steptime.default_topology(chip, proxy_chips), steptime.default_topology(chip, chips)
     got = {}
     for layers in depths:
-        cfg = our_config(path, ov, proxy_chips, per_chip, remat, layers)
+        cfg = our_config(path, ov, proxy_chips, per_chip, remat, layers, policy)
         if compile_:
             r = compile_check(cfg, topo, hlo_path=proxy_hlo_path(layers))
             if not r["compiled"]:
                 return {"topology": topo, "error": r.get("xla_error", "did not compile")}
         with gzip.open(proxy_hlo_path(layers), "rt") as f:
             got[layers] = steptime.from_hlo(f.read(), cfg, target, proxy_chips).as_dict()
-    full = int(our_config(path, ov, chips, per_chip, remat).model.num_layers)
+    full = int(our_config(path, ov, chips, per_chip, remat, policy=policy).model.num_layers)
     a, b = depths
     out = {}
     for k in ("step_s", "compute_s", "memory_s", "collective_s", "exposed_collective_s"):
@@ -132,18 +169,20 @@ def main() -> None:
             continue
         r = predict(row)
         if args.compile or args.reprice:
-            r["hlo"] = hlo_proxy(row, compile_=args.compile)
+            r["hlo"] = hlo_proxy(row, r["batch_per_chip_ours"], r["remat_ours"], compile_=args.compile)
         elif "hlo" in old.get(row[0], {}):
             r["hlo"] = old[row[0]]["hlo"]
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print("| run (MaxText) | published MFU | predicted MFU, analytic | ratio | predicted MFU, our HLO | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| run (MaxText) | published MFU | ours: batch/chip, remat, GB/chip | predicted MFU, analytic | ratio "
+          "| predicted MFU, our HLO | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         a = r["analytic"]["mfu_maxtext_count"]
         h = r.get("hlo", {}).get("mfu_maxtext_count")
         hs = f"{h:.1%} | {h / r['published_mfu']:.2f}" if h else "- | -"
-        print(f"| {r['row']} | {r['published_mfu']:.1%} | {a:.1%} | {a / r['published_mfu']:.2f} | {hs} |")
+        ours = f"{r.get('batch_per_chip_ours', '?')}, {r['remat_ours']}, {r['memory_gb']:.1f}"
+        print(f"| {r['row']} | {r['published_mfu']:.1%} | {ours} | {a:.1%} | {a / r['published_mfu']:.2f} | {hs} |")
     with open(OUT, "w") as f:
         json.dump(rows, f, indent=1)
 
