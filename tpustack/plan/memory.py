@@ -345,14 +345,18 @@ def _saved_weight_bytes(cfg: ModelConfig, layer, remat: str, b: _Bytes) -> float
     autodiff stacks as a [L, ...] residual (the 2-D MLP weights are forwarded from the
     scan's inputs instead). Under bf16/fp16 the cast to the compute dtype is such a value
     for every weight. Sharded as the params are (ZeRO-3: the shard, gathered after the
-    reshape). On TPU an f32 model's matmuls read bf16 converts of the weights (DEFAULT
-    precision), which the compiler inserts: below ZeRO-3 it hoists them out of the scan
-    (the stacked copy of _compute_copy_bytes), and that copy serves as the 2-D weights'
-    residual, so again only the reshaped q/k/v/o are stacked (in bf16); under ZeRO-3 every
-    weight's convert is.
+    reshape). On TPU below ZeRO-3 the compiler hoists the cast and the reshape of every
+    stacked weight out of the scan (the bf16 copy of _compute_copy_bytes), and the backward
+    loop reads that copy: no weight residual is stacked (calibration samples #5 and #10 of
+    benchmarks/estimate_vs_xla.py, bf16, remat none: one bf16 [L, D, F / tensor] stack per
+    MLP weight and one 2-D [L, D, N H / tensor] per attention weight in the backward loop's
+    state, beside the activation stacks; the estimate had counted them twice, +7% and +13%
+    of their assignments). Under ZeRO-3 every weight's convert is stacked.
     """
     tpu = b.backend == "tpu"
-    cast = b.compute < b.master or (tpu and b.stage >= 3)
+    if tpu and b.stage < 3:
+        return 0.0
+    cast = b.compute < b.master or tpu
     reshaped = layer if cast else [p for p in layer if len(p.shape) == 3]
     return b.tree(reshaped, min(b.compute, 2) if tpu else b.compute, zero_sharded=b.stage >= 3)
 
