@@ -11,7 +11,6 @@ import math
 import numbers
 from typing import Any, Callable
 
-
 from tpustack.errors import UserError
 from tpustack.remat import SAVED_PROJECTIONS, is_policy
 

@@ -14,7 +14,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-
 from jax.ad_checkpoint import checkpoint_name
 
 from tpustack.config import ModelConfig

@@ -1,7 +1,8 @@
 """The decoder: embedding -> L x (norm, attention, norm, SwiGLU) -> norm -> LM head.
 
 Scan over layers (`model.scan_layers`) stacks layer weights on a leading `layers` axis and
-compiles one block; remat (`model.remat_policy`) names a jax.checkpoint_policies entry or one of tpustack.remat's.
+compiles one block; remat (`model.remat_policy`) names a jax.checkpoint_policies entry or a
+named policy of tpustack.remat.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from tpustack.config import ModelConfig
-from tpustack.remat import checkpoint_policy
 from tpustack.model.layers import PACKED_COLLECTION, MLP, Attention, RMSNorm, dense, linear, param, rope_tables
+from tpustack.remat import checkpoint_policy
 
 ACT_BTD = ("batch", "length", "act_embed")
 

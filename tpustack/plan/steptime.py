@@ -30,9 +30,9 @@ from typing import Any
 
 from tpustack.config import Config, ModelConfig
 from tpustack.metrics import flops_per_token
-from tpustack.remat import SAVED_PROJECTIONS
 from tpustack.plan import comms, roofline
 from tpustack.plan.chips import CHIPS
+from tpustack.remat import SAVED_PROJECTIONS
 
 TORUS_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
 WRAP_AT = {"v4": 4, "v5p": 4, "v5e": 16, "v6e": 16}  # a dim this long (or longer) is a ring
@@ -148,13 +148,13 @@ def kernel_flops(config: Config, chips: int) -> float:
     return flash_attention_flops(config, t.batch_size * tensor / chips, -(-m.num_heads // tensor))
 
 
-def remat_recompute(remat: str, cfg: ModelConfig | None = None) -> float:
+def remat_recompute(remat: str, cfg: ModelConfig) -> float:
     """Extra forward passes of the layers under a remat policy (as a fraction of one forward)."""
     if remat == "none":
         return 0.0
     if "dots" in remat and remat not in SAVED_PROJECTIONS:  # matmul outputs saved: only the
         return 0.15  # elementwise work and attention rerun
-    if remat in SAVED_PROJECTIONS and cfg is not None:  # the projections it does not save rerun
+    if remat in SAVED_PROJECTIONS:  # the projections it does not save rerun
         flops = _projection_flops(cfg)
         return 0.15 + sum(v for p, v in flops.items() if p not in SAVED_PROJECTIONS[remat]) / sum(flops.values())
     return 1.0

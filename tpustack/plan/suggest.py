@@ -2,10 +2,10 @@
 
 The search: data x stage x fsdp x tensor sizes whose product is N (tensor dividing the query
 and kv heads, stage dividing the layers), every ZeRO stage where fsdp > 1, remat none /
-dots_with_no_batch_dims_saveable / save_dots_except_mlp_in / nothing_saveable, pipeline microbatches S, 2 S, 4 S, and
-1..16 sequences per data-parallel shard. A layout is feasible when tpustack.plan.memory's
-estimate fits 90% of the chip's HBM (a margin for the estimate's error, docs/capacity.md).
-Layouts with different batches are ranked by predicted time per token (the step time over
+dots_with_no_batch_dims_saveable / save_dots_except_mlp_in / nothing_saveable, pipeline
+microbatches S, 2 S, 4 S, and 1..16 sequences per data-parallel shard. A layout is feasible
+when tpustack.plan.memory's estimate fits 90% of the chip's HBM (a margin for the estimate's
+error, docs/capacity.md). Layouts with different batches are ranked by predicted time per token (the step time over
 the step's tokens), i.e. by predicted MFU; each comes with the compile-check command that
 verifies it on the real TPU compiler.
 """
