@@ -5,9 +5,9 @@ and kv heads, stage dividing the layers), every ZeRO stage where fsdp > 1, remat
 dots_with_no_batch_dims_saveable / save_dots_except_mlp_in / nothing_saveable, pipeline
 microbatches S, 2 S, 4 S, and 1..16 sequences per data-parallel shard. A layout is feasible
 when tpustack.plan.memory's estimate fits 90% of the chip's HBM (a margin for the estimate's
-error, docs/capacity.md). Layouts with different batches are ranked by predicted time per token (the step time over
-the step's tokens), i.e. by predicted MFU; each comes with the compile-check command that
-verifies it on the real TPU compiler.
+error, docs/capacity.md). Layouts with different batches are ranked by predicted time per
+token (the step time over the step's tokens), i.e. by predicted MFU; each comes with the
+compile-check command that verifies it on the real TPU compiler.
 """
 
 from __future__ import annotations
