@@ -16,12 +16,14 @@ from flax.linen import meta
 
 from helpers import tiny_config
 from tpustack.config import ModelConfig
+from tpustack.errors import UserError
 from tpustack.model import Decoder
 from tpustack.model.layers import rope_tables
 from tpustack.model.transformer import block_class
 from tpustack.plan import steptime
 from tpustack.plan.activations import saved_dots
 from tpustack.plan.memory import train_memory
+from tpustack.remat import is_policy
 
 # distinct widths, so a residual's shape says which projection it is
 CFG = ModelConfig(vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=176,
@@ -93,3 +95,7 @@ def test_plan_counts_the_named_policy():
 
 def test_config_takes_the_named_policy():
     assert tiny_config(model__remat_policy="save_dots_except_mlp_in").model.remat_policy == "save_dots_except_mlp_in"
+    assert is_policy("nothing_saveable") and is_policy("everything_saveable") and is_policy("checkpoint_dots")
+    # a factory of policies is no policy: it would fail at trace time, so the config refuses it
+    with pytest.raises(UserError, match="model.remat_policy: 'save_only_these_names' is not"):
+        tiny_config(model__remat_policy="save_only_these_names")

@@ -10,6 +10,7 @@ prediction what it reruns (plan/steptime.remat_recompute): one table for all thr
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
@@ -34,9 +35,14 @@ def checkpoint_tag(projection: str) -> str:
 
 
 def is_policy(name: str) -> bool:
-    """Whether `name` is a remat policy the model takes ("none" included)."""
-    return name == "none" or name in SAVED_PROJECTIONS or (
-        not name.startswith("_") and callable(getattr(jax.checkpoint_policies, name, None)))
+    """Whether `name` is a remat policy the model takes ("none" included). Of
+    jax.checkpoint_policies' entries only the policies themselves, called as (prim, *args,
+    **params); not the factories that make one from names (save_only_these_names, ...)."""
+    if name == "none" or name in SAVED_PROJECTIONS:
+        return True
+    f = getattr(jax.checkpoint_policies, name, None) if not name.startswith("_") else None
+    return callable(f) and any(p.kind is inspect.Parameter.VAR_KEYWORD
+                               for p in inspect.signature(f).parameters.values())
 
 
 def checkpoint_policy(name: str) -> Callable:
