@@ -13,6 +13,8 @@ import json
 import os
 import time
 
+from tpustack.machine import cpu_description
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # (config, topology, overrides): the layout we recommend for each (see docs/parallelism.md).
@@ -64,7 +66,7 @@ def main() -> None:
         t0 = time.perf_counter()
         r = compile_check(load_config(path, ov), topo)
         r["compile_s"] = round(time.perf_counter() - t0, 1)
-        r["overrides"] = ov
+        r["overrides"], r["machine"] = ov, cpu_description()  # the compile time is this CPU's
         rows.append(r)
         if not r["compiled"]:
             print(f"{r['config']:10s} {topo:10s} mesh {r['mesh']} does NOT fit: {r['xla_error']}  "

@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Callable
 
+from tpustack.machine import cpu_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -46,15 +48,6 @@ def row(name: str):
         ROWS[name] = fn
         return fn
     return wrap
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} x {len(names)}" if names else "unknown"
-    except OSError:
-        return "unknown"
 
 
 class Context:
@@ -242,7 +235,7 @@ def write_json(args, ctx: Context, rows: dict[str, dict]) -> dict:
         se = paired_se(ctx.windows, name)
         if se is not None and name != "f32":
             r["se_vs_f32"] = se
-    result = {"machine": cpu_model(), "checkpoint": args.checkpoint, "params": ctx.cfg.num_params(),
+    result = {"machine": f"{cpu_model()} x {os.cpu_count()}", "checkpoint": args.checkpoint, "params": ctx.cfg.num_params(),
               "eval_tokens": sum(b["targets"].size for b in ctx.batches), "eval_set": ctx.eval_set,
               "eval_windows": sum(len(b["targets"]) for b in ctx.batches), "calib_sequences": args.calib,
               "command": "python benchmarks/compression.py " + " ".join(sys.argv[1:]),

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from tpustack.machine import cpu_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -94,7 +96,6 @@ def main() -> int:
     from tpustack.model import Decoder
     from tpustack.plan import roofline
     from tpustack.plan.chips import measure_cpu_streams
-    from train_cpu import cpu_name
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config).model
@@ -171,7 +172,7 @@ def main() -> int:
 
     result = {"benchmark": "decode_cpu", "config": os.path.basename(args.config), "params": cfg.num_params(),
               "prompt_len": args.prompt_len, "new_tokens": n, "dtype": "float32", "greedy": True,
-              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads},
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads},
               "gemv_bandwidth_gbs": chip.hbm_bandwidth / 1e9, "matmul_peak_gflops": chip.peak_flops / 1e9,
               "weight_bytes": weight_bytes, "repeats": args.repeats, "statistic": "median after 1 warm-up",
               "identical_tokens": not mismatches, "token_mismatches": mismatches, "rows": rows,
@@ -191,7 +192,7 @@ def main() -> int:
 
     bw = chip.hbm_bandwidth / 1e9
     print(f"\ndecode, {os.path.basename(args.config)} ({cfg.num_params() / 1e6:.1f}M params, f32), batch 1, "
-          f"prompt {args.prompt_len}, {n} new tokens, greedy; {cpu_name()} x {os.cpu_count()} cores")
+          f"prompt {args.prompt_len}, {n} new tokens, greedy; {cpu_model()} x {os.cpu_count()} cores")
     print(f"gemv bandwidth (measured): {bw:.1f} GB/s; matmul weights {weight_bytes / 1e6:.0f} MB -> "
           f"roofline {bw * 1e9 / weight_bytes:.1f} tokens/s; identical tokens in every run: {not mismatches}")
     print(f"medians of {args.repeats} runs after a warm-up, both sides timed alike")

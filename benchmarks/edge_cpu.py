@@ -20,13 +20,14 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from tpustack.machine import cpu_description
 
 ROWS = {  # row -> (engine, weight format: a GGUF type or tpustack's model.weight_quant)
     "llama.cpp f32": ("llama.cpp", "f32"),
@@ -45,18 +46,6 @@ def weight_bytes_per_param(fmt: str) -> float:
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt.upper()]]
         return size / block
     return {"none": 4.0, "int8": 1.0}[fmt]
-
-
-def cpu_name() -> str:
-    """The CPU model (benchmarks name their machine)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'unknown CPU'} ({os.cpu_count()} cores)"
 
 
 def peak_rss_mb() -> float:
@@ -249,7 +238,7 @@ def report(args, cfg, chip, rows: list[dict]) -> None:
         r["greedy_equal_to_tpustack_f32"] = r["tokens"] == f32["tokens"]
     model = os.path.basename(os.path.normpath(args.checkpoint or args.config)).removesuffix(".py")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"edge_cpu_{model}.json")
-    result = {"machine": cpu_name(), "model": model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+    result = {"machine": cpu_description(), "model": model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "matmul_peak_gflops": chip.peak_flops / 1e9, "stream_gb_s": chip.hbm_bandwidth / 1e9, "rows": rows}
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

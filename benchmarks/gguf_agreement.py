@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,15 +27,8 @@ from tpustack.checkpoint import Checkpointer  # noqa: E402
 from tpustack.config import DataConfig  # noqa: E402
 from tpustack.data.sources import load_tokens  # noqa: E402
 from tpustack.interop.gguf_agreement import measure  # noqa: E402
+from tpustack.machine import cpu_model  # noqa: E402
 from tpustack.weights import load_weights, weights_kind  # noqa: E402
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -24,6 +24,8 @@ import statistics
 import sys
 import time
 
+from tpustack.machine import cpu_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -88,7 +90,6 @@ def decode_speeds(rows: list[dict], names: list[str], repeats: int, prompt_len: 
 
 def decode_only(args) -> int:
     """Decode tokens/s of two checkpoints, interleaved (the structured row's timing without the table)."""
-    from train_cpu import cpu_name
 
     from tpustack.weights import load_weights
 
@@ -98,7 +99,7 @@ def decode_only(args) -> int:
         rows.append({"name": name, "cfg": cfg, "weights": params, "path": path, "params": cfg.num_params()})
     speeds = decode_speeds(rows, ["dense", "pruned"], args.repeats, args.prompt_len, args.new_tokens)
     ratio = speeds["pruned"] / speeds["dense"]
-    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "repeats": args.repeats, "prompt_len": args.prompt_len,
+    result = {"cpu": cpu_model(), "cores": os.cpu_count(), "repeats": args.repeats, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "decode_tokens_per_s": speeds, "ratio": ratio,
               "rows": [{k: r[k] for k in ("name", "path", "params")} for r in rows]}
     if args.out:
@@ -129,7 +130,6 @@ def main() -> int:
     if args.decode_only:
         return decode_only(args)
 
-    from train_cpu import cpu_name
 
     from tpustack.compress import pruned
     from tpustack.compress.sweep import calibration_tokens
@@ -149,7 +149,7 @@ def main() -> int:
     if args.decode:
         names = ["dense"] + [r["name"] for r in rows if r["name"].startswith("structured")][:1]
         speeds = decode_speeds(rows, names, args.repeats, args.prompt_len, args.new_tokens)
-    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "checkpoint": args.checkpoint, "calib_seqs": args.calib,
+    result = {"cpu": cpu_model(), "cores": os.cpu_count(), "checkpoint": args.checkpoint, "calib_seqs": args.calib,
               "eval_batches": eval_batches, "eval_tokens": eval_batches * config.train.batch_size
               * config.train.seq_len, "recover_steps": args.recover_steps, "recover_lr": args.recover_lr,
               "rows": [{k: v for k, v in r.items() if k not in ("cfg", "weights")} for r in rows],

@@ -20,24 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
+from tpustack.machine import cpu_description
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "unknown"
-    return f"{name} ({os.cpu_count()} cores)"
 
 
 def heldout_prompts(n: int, length: int, answer: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -178,7 +170,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = measure(args)
-    result = {"cpu": cpu_model(), "big": args.big, "small": args.small, "measure": args.measure,
+    result = {"cpu": cpu_description(), "big": args.big, "small": args.small, "measure": args.measure,
               "prompts": len(rows), "prompt_bytes": args.prompt_bytes, "max_tokens": args.max_tokens,
               "probe_tokens": args.probe_tokens, **sweep(rows),
               "other_measure": {k: v for k, v in sweep(rows, "confidence_other").items() if k != "curve"},

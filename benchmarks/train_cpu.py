@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
+
+from tpustack.machine import cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,16 +31,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Same weights, same batch, both f32: the losses differ only by summation order.
 FIRST_LOSS_RTOL = 1e-5
 SECOND_LOSS_RTOL = 1e-4  # after one step: clipping and AdamW add their own rounding
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_jax_step(config, batch_np):
@@ -193,7 +184,7 @@ def main() -> int:
     result = {
         "benchmark": "train_cpu", "config": os.path.basename(args.config), "params": m.num_params(),
         "batch": args.batch, "seq_len": args.seq, "dtype": "float32", "optimizer": "AdamW",
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads},
         "matmul_peak_gflops": chip.peak_flops / 1e9, "gemv_bandwidth_gbs": chip.hbm_bandwidth / 1e9,
         "flops_per_token": flops_token, "rows": rows,
         "first_losses": first, "first_loss_rtol": FIRST_LOSS_RTOL, "second_loss_rtol": SECOND_LOSS_RTOL,
@@ -204,7 +195,7 @@ def main() -> int:
         json.dump(result, f, indent=2)
 
     print(f"\ntrain step, {os.path.basename(args.config)} ({m.num_params() / 1e6:.1f}M params), "
-          f"batch {args.batch} x {args.seq}, f32 AdamW, {cpu_name()} x {os.cpu_count()} cores")
+          f"batch {args.batch} x {args.seq}, f32 AdamW, {cpu_model()} x {os.cpu_count()} cores")
     print(f"f32 matmul peak (measured): {chip.peak_flops / 1e9:.1f} GFLOP/s; "
           f"{flops_token / 1e6:.0f} MFLOP per token")
     print(f"{'implementation':<24}{'step (s)':>10}{'tokens/s':>10}{'GFLOP/s':>10}{'% peak':>8}{'vs torch':>10}")

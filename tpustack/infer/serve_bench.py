@@ -17,8 +17,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import sys
 
 from tpustack import paths
@@ -28,6 +26,7 @@ from tpustack.infer.decode import Generator
 from tpustack.infer.engine import Engine, EngineConfig
 from tpustack.infer.load_drivers import hf_model, run_engine, run_hf, run_http, run_static
 from tpustack.infer.loadgen import agreement, make_workload, render, summarize
+from tpustack.machine import cpu_description
 from tpustack.weights import init_weights, load_weights
 
 AGREEMENT_FLOOR = 0.95
@@ -54,15 +53,8 @@ def machine() -> str:
     """The CPU model and core count (and the accelerator, if any): figures mean little without it."""
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     device = jax.devices()[0]
-    extra = "" if device.platform == "cpu" else f", {device.device_kind}"
-    return f"{cpu} ({os.cpu_count()} cores){extra}"
+    return cpu_description() + ("" if device.platform == "cpu" else f", {device.device_kind}")
 
 
 def check_args(args: argparse.Namespace) -> None:
