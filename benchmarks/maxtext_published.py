@@ -66,12 +66,12 @@ def our_config(path: str, overrides: dict, chips: int, per_chip: int, remat: str
     return load_config(path, ov)
 
 
-def our_layout(row) -> tuple[int, str, float, float]:
-    """(batch per chip, remat, estimated GB per chip, the recipe's own GB per chip) of our
-    program for the row: MaxText's batch and remat where our estimate fits the chip's HBM
-    (tpustack.plan.suggest's margin), else the fastest per token that fits among our remat
-    policies and smaller batches (MaxText offloads saved activations to host memory; our
-    program keeps them in HBM)."""
+def our_layout(row) -> tuple[int, str, dict, float]:
+    """(batch per chip, remat, tpustack.plan.suggest.evaluate's prediction, the recipe's own
+    bytes per chip) of our program for the row: MaxText's batch and remat where our estimate
+    fits the chip's HBM (suggest's margin), else the fastest per token that fits among our
+    remat policies and smaller batches (MaxText offloads saved activations to host memory;
+    our program keeps them in HBM)."""
     from tpustack.plan import steptime, suggest
     from tpustack.plan.chips import CHIPS
 
@@ -87,30 +87,19 @@ def our_layout(row) -> tuple[int, str, float, float]:
             cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh))  # fsdp -1 resolved
             tried[b, policy] = suggest.evaluate(cfg, chip, topology)
     recipe = tried[per_chip, ours]["memory_bytes"]
-    if recipe <= cap:
-        return per_chip, ours, recipe / 1e9, recipe / 1e9
     fits = [(r["seconds_per_token"], b, p) for (b, p), r in tried.items() if r["memory_bytes"] <= cap]
-    if not fits:
-        return per_chip, ours, recipe / 1e9, recipe / 1e9
-    _, b, p = min(fits)
-    assert mesh == tried[b, p]["mesh"]
-    return b, p, tried[b, p]["memory_bytes"] / 1e9, recipe / 1e9
+    b, p = (per_chip, ours) if recipe <= cap or not fits else min(fits)[1:]
+    return b, p, tried[b, p], recipe
 
 
 def predict(row) -> dict:
-    from tpustack.plan import steptime
-
     name, mfu, tps, chip, chips, path, ov, per_chip, remat = row
-    batch, policy, mem_gb, recipe_gb = our_layout(row)
-    cfg = our_config(path, ov, chips, batch, remat, policy=policy)
-    mesh = {"data": 1, "stage": 1, "fsdp": chips, "tensor": 1}
-    st = steptime.analytic(cfg, chip, mesh)
-    t = cfg.train
-    ours_tps = t.batch_size * t.seq_len / chips / st.seconds
+    batch, policy, ours, recipe = our_layout(row)
+    ours_tps = 1 / (ours["seconds_per_token"] * chips)
     return {"row": name, "published_mfu": mfu, "published_tokens_per_s_chip": tps, "chip": chip, "chips": chips,
             "remat_maxtext": remat, "remat_ours": policy, "batch_per_chip_ours": batch,
-            "memory_gb": mem_gb, "recipe_memory_gb": recipe_gb,
-            "analytic": {**st.as_dict(), "tokens_per_s_chip": ours_tps, "mfu_maxtext_count": mfu * ours_tps / tps}}
+            "memory_gb": ours["memory_bytes"] / 1e9, "recipe_memory_gb": recipe / 1e9,
+            "analytic": {**ours["step"], "tokens_per_s_chip": ours_tps, "mfu_maxtext_count": mfu * ours_tps / tps}}
 
 
 def proxy_hlo_path(layers: int) -> str:
